@@ -1,0 +1,47 @@
+# Newcomer entry points: `make demo` (the main job end to end) and `make test`.
+# Both create the virtual environment on first use; nothing needs installing by hand.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEMO_OUT ?= demo_out
+
+.PHONY: setup setup-reference setup-tpu demo test test-fast bench clean
+
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: requirements.txt requirements-test.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt -r requirements-test.txt
+	$(PIP) install -q --no-deps -e .
+	touch $@
+
+# PyTorch references for the parity tests (torch/torchvision from the local wheel cache).
+setup-reference: $(VENV)/.reference-done
+
+$(VENV)/.reference-done: $(VENV)/.setup-done
+	$(PIP) install -q -e '.[reference]'
+	touch $@
+
+# libtpu for ahead-of-time compilation against TPU topologies (CPU-only machines can compile).
+setup-tpu: $(VENV)/.tpu-done
+
+$(VENV)/.tpu-done: $(VENV)/.setup-done
+	$(PIP) install -q -e '.[tpu-aot]' || echo "libtpu unavailable: TPU AOT tests will skip"
+	touch $@
+
+demo: setup
+	$(PY) -m pathjax.demo --out $(DEMO_OUT)
+
+# Everything CI runs: unit, parity (PyTorch references), multi-process and AOT tests.
+test: setup setup-reference setup-tpu
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# The quick loop while developing: no slow tests.
+test-fast: setup
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache

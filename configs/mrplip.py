@@ -1,0 +1,121 @@
+r"""MR-PLIP pretraining (specs/mrplip.md): CVTA + MRTVA over multi-resolution bags.
+
+Variants (the argument after the colon; ablations combine with a comma):
+  smoke    tiny towers at 64 px; trains on a 2-core CPU in minutes (the demo's variant).
+  vitb16   ViT-B/16 + CLIP-base text: the size the CPU benchmark measures.
+  vitl16   the paper's scale: UNI ViT-L/16 + QuiltNet-size text tower, 224 px, bf16.
+  Ablations: no_cvta, no_mrtva, no_bl, single_mag (one magnification, 20x where present).
+
+  pathjax train --config=configs/mrplip.py:smoke --workdir /tmp/mrplip \
+      --config.input.records_dir=RECORDS --config.input.tokenizer=TOKENIZER_DIR
+  pathjax train --config=configs/mrplip.py:vitl16,no_mrtva --workdir gs://bucket/run \
+      --config.model.init_dir=CONVERTED_UNI_AND_QUILTNET
+
+Loading published weights: `pathjax convert` UNI (timm) and QuiltNet's text tower into a
+model directory and pass it as `model.init_dir`; its vision and text towers replace the
+random ones (`model.init_towers`).
+"""
+
+import ml_collections
+
+from pathjax.config_lib import pick_variant
+from pathjax.input.pipeline import default_input_config
+from pathjax.train_config import default_train_config
+
+SIZES = ("smoke", "vitb16", "vitl16")
+ABLATIONS = ("no_cvta", "no_mrtva", "no_bl", "single_mag")
+
+
+def _model(size: str) -> ml_collections.ConfigDict:
+  if size == "smoke":
+    vision = dict(variant="Ti/16", overrides=dict(width=128, depth=2, num_heads=4, mlp_dim=256))
+    text = dict(variant="tiny", overrides=dict(vocab_size=1024, width=128, depth=2, num_heads=4,
+                                               mlp_dim=256))
+    fusion = dict(width=128, depth=2, num_heads=4, mlp_dim=256)
+    embed_dim, projector, predictor = 128, (256, 256, 256), (64, 256)
+  else:
+    vision = dict(variant="B/16" if size == "vitb16" else "L/16", overrides=dict(
+        layer_scale_init=1e-5 if size == "vitl16" else None))
+    # QuiltNet / OpenAI CLIP text tower: width 512, 12 layers, 8 heads, 49408 tokens.
+    text = dict(variant="base", overrides=dict(vocab_size=49408, activation="quick_gelu"))
+    fusion = dict(width=768, depth=6 if size == "vitl16" else 2, num_heads=12, mlp_dim=3072)
+    embed_dim, projector, predictor = 512, (2048, 2048, 2048), (512, 2048)
+  return ml_collections.ConfigDict(dict(
+      vision=vision, text=text, fusion=fusion, embed_dim=embed_dim,
+      projector_dims=projector, predictor_dims=predictor,
+      scan=True,                 # scan over layers (fast compiles at depth 24)
+      remat="none",              # none | full | dots | dots_no_batch
+      init_dir="",               # a model directory (pathjax convert) to start the towers from
+      init_towers=("vision", "text"),
+  ))
+
+
+def _loss() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      w_bl=1.0,                  # baseline: image-caption contrastive (+ ITM)
+      w_itm=1.0,                 # ITM inside the baseline (0 disables)
+      w_cvta=1.0,
+      w_mrtva=1.0,
+      contrastive="softmax",     # softmax (gathered) | sigmoid (chunked ring over devices)
+      temperature_init=0.07,
+      cvta_k=3,                  # k_o: positives per patch
+      cvta_text_unit="keyword",  # keyword | caption
+      cvta_negatives="bag",      # bag (paper) | global (also every other bag's keywords)
+      fusion_keywords=3,         # keywords fused with each patch for MRTVA (top-k_o)
+      mrtva_pairs="adjacent",    # adjacent (5-10, 10-20, 20-40) | all (every ancestor)
+  ))
+
+
+def get_config(arg=None):
+  parts = (arg or "smoke").split(",")
+  size = pick_variant(parts[0], {s: s for s in SIZES}, default="smoke")
+  ablations = [pick_variant(p, {a: a for a in ABLATIONS}, default="") for p in parts[1:]]
+
+  config = default_train_config()
+  config.recipe = "mrplip"
+  config.model = _model(size)
+  config.loss = _loss()
+  config.input = default_input_config()
+  config.input.global_batch_size = config.get_ref("batch_size")
+  config.input.max_keywords = 12
+  config.input.class_names = ()
+  config.input.sampling = "chain"
+
+  opt = config.optimizer
+  opt.wd_exclude = (r".*bias", r".*scale", r".*norm.*", r".*(pos_embed|cls_token|reg_token)",
+                    r".*embedding", r".*log_scale", r".*sigmoid_bias", r".*gamma")
+  if size == "smoke":
+    config.batch_size = 32
+    config.total_steps = 300
+    config.log_every = 25
+    config.checkpoint_every = 100
+    config.input.image_size = 64
+    config.input.context_length = 32
+    config.input.augment.enabled = True
+    opt.lr, opt.end_lr, opt.warmup_steps, opt.weight_decay = 2e-3, 1e-5, 30, 0.02
+  else:
+    # Paper: batch 64 on 6 A100s, 50 epochs, AdamW. mPLUG's split: 1e-5 for the vision tower.
+    config.batch_size = 64
+    config.total_steps = 200_000
+    config.log_every = 50
+    config.checkpoint_every = 2000
+    config.input.image_size = 224
+    config.input.context_length = 77
+    config.input.worker_count = 8
+    config.precision.compute_dtype = "bfloat16"
+    config.model.remat = "dots_no_batch" if size == "vitl16" else "none"
+    opt.lr, opt.end_lr, opt.warmup_steps, opt.weight_decay = 1e-4, 1e-6, 2000, 0.02
+    opt.lr_multipliers = ((r"vision_tower/.*", 0.1),)
+
+  for ablation in ablations:
+    if ablation == "no_cvta":
+      config.loss.w_cvta = 0.0
+    elif ablation == "no_mrtva":
+      config.loss.w_mrtva = 0.0
+    elif ablation == "no_bl":
+      config.loss.w_bl = 0.0
+    elif ablation == "single_mag":
+      # One magnification: the 20x level of a 5/10/20/40 bag (level 2), no parent/child pairs.
+      config.input.levels = (2,)
+      config.loss.w_mrtva = 0.0
+  return config

@@ -1,0 +1,3 @@
+"""pathjax: pathology vision-language models in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,494 @@
+"""Grain input pipelines over bag records: training, evaluation and a flat patch view.
+
+Training (`make_train_iterator`)
+--------------------------------
+A Grain `MapDataset` over a virtual index stream, so every example is a pure function of
+(seed, epoch, position) and the iterator state is one integer:
+
+    host-local index i -> epoch, j = divmod(i, n_host)
+                       -> global position g = j * process_count + process_index
+                       -> record = permutation_epoch(g)     (grain's index_shuffle, O(1) memory)
+                       -> read, decode JPEG, sample patches and keywords, augment (rng seeded
+                          by (seed, epoch, record)), batch, tokenize
+
+* Sharding: host p of P takes positions p, p+P, p+2P, ... of each epoch's global order,
+  n_host = N // P of them (the N % P leftovers of an epoch are dropped, different ones
+  each epoch when shuffled), so hosts read disjoint examples, all hosts step in lock-step,
+  and together they cover the epoch.
+* Shuffling: a fresh permutation of all N records per epoch, global across hosts (the
+  shuffle happens before the split), seeded by (seed, epoch).
+* Epochs: `num_epochs=None` repeats forever; batches run across epoch boundaries.
+* Per-host batch = global_batch_size / process_count, drop_remainder.
+* Workers: `worker_count > 0` runs the pipeline in Grain worker processes (`mp_prefetch`);
+  the batches are identical to `worker_count = 0`.
+* State: the returned object is Grain's `DatasetIterator`: `it.get_state()` (a small JSON-able
+  dict) and `it.set_state(state)` continue with exactly the next batch, across epoch
+  boundaries too. Restore into an iterator built with the same config, seed, process
+  count and worker_count. With orbax, save it inside a Composite:
+      ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it))
+      ocp.args.Composite(..., data=grain.checkpoint.CheckpointRestore(it))
+  (one `process_<i>-of-<n>.json` per host).
+
+Batch (numpy, per host; P patches per example: P = L levels for chain sampling)
+    images        uint8   [B, P, H, W, 3]  (normalise on device: transforms.normalize_on_device)
+    magnification float32 [B, P]
+    level         int32   [B, P]   index into the emitted levels
+    parent        int32   [B, P]   index of the parent within the example, -1 for the root
+    patch_index   int32   [B, P]   index of the patch in its bag (schema order), -1 for padding
+    patch_mask    bool    [B, P]   present and passing the tissue threshold
+    labels        int32   [B, P]   index of Patch.label in config.class_names, -1 if unknown
+    caption_ids   int32   [B, P, ctx]   (when a tokenizer is given)
+    caption_mask  bool    [B, P]   the patch has a caption
+    keyword_ids   int32   [B, K, ctx]   (when a tokenizer is given)
+    keyword_mask  bool    [B, K]
+    record_index  int32   [B]      which record (bag) the example came from
+    (eval only) valid bool [B]     False for padding in the final batch
+
+Text ids follow pathjax.input.tokenize (bos ... eos pad, pad != eos; pool at
+argmax(ids == eos_id)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from typing import Any, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+
+from pathjax.input import records as records_lib
+from pathjax.input import sampling
+from pathjax.input import schema
+from pathjax.input import transforms
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SAMPLING_MODES = ("chain", "children", "all")
+
+
+def default_input_config() -> ml_collections.ConfigDict:
+  """`config.input` of a recipe config (every field is an override: --config.input.X=...)."""
+  c = ml_collections.ConfigDict()
+  c.records_dir = ""            # a finished `pathjax tile` output
+  c.eval_records_dir = ""       # held-out records for evaluation (make_eval_iterator)
+  c.global_batch_size = 64      # examples (bags) per step over all hosts
+  c.eval_batch_size = 64
+  c.levels = None               # tree levels to emit (0 = root / lowest magnification); None = all
+  c.image_size = 0              # 0: the records' patch size; else resize to this
+  c.sampling = "chain"          # 'chain' (1 patch per level) | 'children' | 'all' (full bag)
+  c.children_per_level = 2      # k children per chosen patch when sampling == 'children'
+  c.min_tissue = 0.0            # descendants below this tissue fraction are avoided and masked
+  c.max_keywords = 16           # K: keywords per example (the text bag), masked when fewer
+  c.context_length = 77
+  c.tokenizer = ""              # tokenizer directory (or hub name when online)
+  c.augment = transforms.augment_config()
+  c.worker_count = 0            # Grain worker processes (0 = in the main process)
+  c.worker_buffer_size = 2      # batches buffered per worker
+  c.read_threads = 0            # threads per process reading/decoding (0 = synchronous)
+  c.num_epochs = None           # None = repeat forever
+  c.shuffle = True
+  c.seed = 0
+  c.class_names = ()            # Patch.label vocabulary for `labels`
+  return c
+
+
+def children_per_level(config) -> int | str:
+  mode = config.get("sampling", "chain")
+  if mode == "chain":
+    return 1
+  if mode == "all":
+    return "all"
+  if mode == "children":
+    return int(config.children_per_level)
+  raise ValueError(f"config.input.sampling must be one of {SAMPLING_MODES}, got {mode!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# Index plan: host-local position -> (epoch, record, valid)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+  num_records: int
+  process_index: int = 0
+  process_count: int = 1
+  shuffle: bool = True
+  seed: int = 0
+  pad: bool = False  # eval: ceil(N / P) per host, positions past N are padding (invalid)
+
+  def __post_init__(self):
+    if not 0 <= self.process_index < self.process_count:
+      raise ValueError(f"process_index {self.process_index} not in [0, {self.process_count})")
+    if self.per_epoch == 0:
+      raise ValueError(f"{self.num_records} records cannot feed {self.process_count} processes")
+
+  @property
+  def per_epoch(self) -> int:
+    if self.pad:
+      return -(-self.num_records // self.process_count)
+    return self.num_records // self.process_count
+
+  def epoch_seed(self, epoch: int) -> int:
+    return int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
+
+  def locate(self, index: int) -> tuple[int, int, bool]:
+    epoch, j = divmod(int(index), self.per_epoch)
+    g = j * self.process_count + self.process_index
+    valid = g < self.num_records
+    if not valid:
+      g = g % self.num_records
+    if self.shuffle and self.num_records > 1:
+      g = int(grain.experimental.index_shuffle(g, max_index=self.num_records - 1,
+                                               seed=self.epoch_seed(epoch), rounds=4))
+    return epoch, g, valid
+
+
+def resolve_process(process_index, process_count) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  return int(process_index), int(process_count)
+
+
+# ----------------------------------------------------------------------------------------
+# Example construction (runs in workers; everything here is picklable)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleSpec:
+  levels: tuple[int, ...] | None
+  children_per_level: int | str
+  min_tissue: float
+  max_keywords: int
+  image_size: int
+  class_names: tuple[str, ...]
+  augment: transforms.AugmentSpec
+  seed: int
+
+
+class BagExamples:
+  """Callable: host-local index -> one example dict (numpy arrays and strings)."""
+
+  def __init__(self, source, plan: ShardPlan, spec: ExampleSpec, *, train: bool):
+    self.source = source
+    self.plan = plan
+    self.spec = spec
+    self.train = train
+    self._label_index = {name: i for i, name in enumerate(spec.class_names)}
+
+  def __call__(self, index: int) -> dict[str, Any]:
+    epoch, record, valid = self.plan.locate(index)
+    bag = schema.decode_bag(self.source[record])
+    return self.example(bag, record, epoch, valid)
+
+  def example(self, bag: schema.Bag, record: int, epoch: int, valid: bool = True) -> dict[str, Any]:
+    spec = self.spec
+    rng = np.random.default_rng([spec.seed, epoch, record])
+    sel = sampling.select_patches(bag, rng, children_per_level=spec.children_per_level,
+                                  levels=spec.levels, min_tissue=spec.min_tissue)
+    size = spec.image_size or bag.patch_size
+    aug = spec.augment if (self.train and spec.augment.enabled) else None
+    shared = transforms.sample_params(rng, aug) if aug is not None and aug.consistent else None
+    n = len(sel.indices)
+    images = np.zeros((n, size, size, 3), np.uint8)
+    mags = np.zeros((n,), np.float32)
+    labels = np.full((n,), -1, np.int32)
+    caption_mask = np.zeros((n,), bool)
+    captions = [""] * n
+    tree_levels = list(spec.levels) if spec.levels is not None else list(range(len(bag.magnifications)))
+    for p, bi in enumerate(sel.indices):
+      if bi < 0:  # a patch the bag lacks: zeros, masked
+        tree_level = tree_levels[sel.level[p]]
+        if tree_level < len(bag.magnifications):
+          mags[p] = bag.magnifications[tree_level]
+        continue
+      patch = bag.patches[bi]
+      if aug is None:
+        images[p] = transforms.decode_to_array(patch.jpeg, size)
+      else:
+        params = shared if shared is not None else transforms.sample_params(rng, aug)
+        im = transforms.decode_jpeg(patch.jpeg, None if "crop" in params else size)
+        images[p] = transforms.augment_image(im, params, size)
+      mags[p] = patch.magnification
+      labels[p] = self._label_index.get(patch.label, -1)
+      caption_mask[p] = bool(patch.has_caption)
+      captions[p] = patch.caption if patch.has_caption else ""
+    keywords, keyword_mask = sampling.select_keywords(bag.keywords, spec.max_keywords,
+                                                      rng if self.train else None)
+    return {
+        "images": images, "magnification": mags, "level": sel.level, "parent": sel.parent,
+        "patch_mask": sel.valid, "patch_index": sel.indices, "labels": labels, "caption_mask": caption_mask,
+        "keyword_mask": keyword_mask, "record_index": np.int32(record), "valid": np.bool_(valid),
+        "captions": captions, "keywords": keywords,
+    }
+
+
+class Collate:
+  """Stacks examples into a batch and tokenizes its texts in one call."""
+
+  def __init__(self, tokenizer=None, text_keys: Sequence[tuple[str, str]] = (
+      ("captions", "caption_ids"), ("keywords", "keyword_ids")), keep: Sequence[str] = ()):
+    self.tokenizer = tokenizer
+    self.text_keys = tuple(text_keys)
+    self.keep = tuple(keep)
+
+  def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    batch: dict[str, np.ndarray] = {}
+    text_fields = {k for k, _ in self.text_keys}
+    for key in examples[0]:
+      if key in text_fields:
+        continue
+      values = [e[key] for e in examples]
+      batch[key] = np.stack(values) if not isinstance(values[0], str) else np.asarray(values)
+    for key, out_key in self.text_keys:
+      if key not in examples[0]:
+        continue
+      texts = [e[key] for e in examples]
+      if key in self.keep:
+        batch[key] = np.asarray(texts)
+      if self.tokenizer is None:
+        continue
+      if isinstance(texts[0], str):
+        batch[out_key] = self.tokenizer(texts)
+      else:
+        flat = [t for ts in texts for t in ts]
+        ids = self.tokenizer(flat)
+        batch[out_key] = ids.reshape(len(texts), len(texts[0]), ids.shape[-1])
+    return batch
+
+
+# ----------------------------------------------------------------------------------------
+# Builders
+
+
+def _as_text_tokenizer(tokenizer, config):
+  from pathjax.input.tokenize import TextTokenizer
+  if tokenizer is None and config.get("tokenizer"):
+    tokenizer = config.tokenizer
+  if tokenizer is None or isinstance(tokenizer, TextTokenizer):
+    return tokenizer
+  return TextTokenizer(tokenizer, config.get("context_length", 77))
+
+
+def _spec(config, seed) -> ExampleSpec:
+  levels = config.get("levels")
+  return ExampleSpec(
+      levels=None if levels is None else tuple(int(l) for l in levels),
+      children_per_level=children_per_level(config),
+      min_tissue=float(config.get("min_tissue", 0.0)),
+      max_keywords=int(config.get("max_keywords", 16)),
+      image_size=int(config.get("image_size", 0) or 0),
+      class_names=tuple(config.get("class_names", ()) or ()),
+      augment=transforms.AugmentSpec.from_config(config.get("augment")),
+      seed=int(seed))
+
+
+def _mark_flags_parsed():
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _finish(ds: grain.MapDataset, config, worker_count: int | None):
+  read_threads = int(config.get("read_threads", 0))
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                               prefetch_buffer_size=max(read_threads * 2, 0)))
+  workers = int(config.get("worker_count", 0) if worker_count is None else worker_count)
+  if workers > 0:
+    _mark_flags_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=int(config.get("worker_buffer_size", 2))))
+  return it_ds
+
+
+def _per_host_batch(global_batch: int, process_count: int) -> int:
+  if global_batch % process_count:
+    raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
+  return global_batch // process_count
+
+
+def make_train_dataset(config, *, tokenizer=None, process_index=None, process_count=None,
+                       seed=None, worker_count=None) -> grain.IterDataset:
+  """The training IterDataset (see the module docstring); `iter()` it to get batches."""
+  process_index, process_count = resolve_process(process_index, process_count)
+  seed = int(config.get("seed", 0) if seed is None else seed)
+  source, _ = records_lib.open_records(config.records_dir)
+  plan = ShardPlan(len(source), process_index, process_count,
+                   shuffle=bool(config.get("shuffle", True)), seed=seed)
+  batch = _per_host_batch(int(config.global_batch_size), process_count)
+  num_epochs = config.get("num_epochs")
+  length = sys.maxsize if num_epochs is None else plan.per_epoch * int(num_epochs)
+  if length < batch:
+    raise ValueError(f"{plan.per_epoch} examples per host per epoch x {num_epochs} epochs "
+                     f"cannot fill one batch of {batch}")
+  examples = BagExamples(source, plan, _spec(config, seed), train=True)
+  text = _as_text_tokenizer(tokenizer, config)
+  ds = grain.MapDataset.range(length).map(examples)
+  ds = ds.batch(batch, drop_remainder=True, batch_fn=Collate(text))
+  ds = ds.map(_drop_valid)
+  return _finish(ds, config, worker_count)
+
+
+def _drop_valid(batch):
+  batch.pop("valid", None)
+  return batch
+
+
+def make_train_iterator(config, *, tokenizer=None, process_index=None, process_count=None,
+                        seed=None, worker_count=None) -> grain.DatasetIterator:
+  """Iterator of per-host training batches; has get_state()/set_state() (module docstring).
+
+  `config` is `config.input` (default_input_config()). `tokenizer`: a TextTokenizer, a
+  transformers tokenizer, a directory, or None for `config.tokenizer` (no text ids if empty).
+  `process_index/process_count` default to jax's; pass them to simulate hosts.
+  """
+  return iter(make_train_dataset(config, tokenizer=tokenizer, process_index=process_index,
+                                 process_count=process_count, seed=seed,
+                                 worker_count=worker_count))
+
+
+def make_eval_iterator(config, *, tokenizer=None, records_dir=None, batch_size=None,
+                       process_index=None, process_count=None, worker_count=None):
+  """One pass over every record in order, no augmentation; the final batch is padded.
+
+  Each host gets ceil(N / P) positions (host p: records p, p+P, ...); `valid` [B] marks
+  real examples (padding repeats a real record with valid=False). The sampled patches and
+  keywords are fixed per record (seeded by config.seed). `batch_size` is per host; the
+  default is config.eval_batch_size / process_count.
+  """
+  process_index, process_count = resolve_process(process_index, process_count)
+  source, _ = records_lib.open_records(records_dir or config.get("eval_records_dir")
+                                       or config.records_dir)
+  plan = ShardPlan(len(source), process_index, process_count, shuffle=False,
+                   seed=int(config.get("seed", 0)), pad=True)
+  if batch_size is None:
+    batch_size = _per_host_batch(int(config.get("eval_batch_size", config.global_batch_size)),
+                                 process_count)
+  num_batches = -(-plan.per_epoch // batch_size)
+  examples = BagExamples(source, plan, _spec(config, config.get("seed", 0)), train=False)
+  text = _as_text_tokenizer(tokenizer, config)
+  ds = grain.MapDataset.range(num_batches * batch_size).map(_PadTo(examples, plan.per_epoch))
+  ds = ds.batch(batch_size, drop_remainder=True, batch_fn=Collate(text))
+  return iter(_finish(ds, config, worker_count))
+
+
+class _PadTo:
+  """Positions past `n` repeat position 0 with valid=False."""
+
+  def __init__(self, fn, n):
+    self.fn, self.n = fn, n
+
+  def __call__(self, index):
+    if index < self.n:
+      return self.fn(index)
+    example = self.fn(0)
+    example["valid"] = np.bool_(False)
+    return example
+
+
+# ----------------------------------------------------------------------------------------
+# Flat patch view for evaluation
+
+
+def index_patches(source, magnification: float, *, min_tissue: float = 0.0,
+                  rel_tol: float = 1e-3) -> np.ndarray:
+  """[(record, patch index)] of every patch at `magnification` (one scan of the records)."""
+  rows = []
+  for r in range(len(source)):
+    bag = schema.decode_bag(source[r])
+    for i, p in enumerate(bag.patches):
+      if abs(p.magnification - magnification) <= rel_tol * magnification and p.tissue >= min_tissue:
+        rows.append((r, i))
+  return np.asarray(rows, np.int64).reshape(-1, 2)
+
+
+class PatchExamples:
+  def __init__(self, source, index: np.ndarray, plan: ShardPlan, image_size: int,
+               class_names: Sequence[str]):
+    self.source, self.index, self.plan = source, index, plan
+    self.image_size = image_size
+    self._label_index = {name: i for i, name in enumerate(class_names)}
+
+  def __call__(self, position: int) -> dict[str, Any]:
+    valid = position < self.plan.per_epoch
+    _, g, in_range = self.plan.locate(position if valid else 0)
+    valid = valid and in_range
+    record, patch_index = (int(v) for v in self.index[g])
+    bag = schema.decode_bag(self.source[record])
+    patch = bag.patches[patch_index]
+    size = self.image_size or bag.patch_size
+    return {
+        "images": transforms.decode_to_array(patch.jpeg, size),
+        "labels": np.int32(self._label_index.get(patch.label, -1)),
+        "magnification": np.float32(patch.magnification),
+        "tissue": np.float32(patch.tissue),
+        "caption_mask": np.bool_(patch.has_caption),
+        "captions": patch.caption if patch.has_caption else "",
+        "record_index": np.int32(record), "patch_index": np.int32(patch_index),
+        "x": np.int64(patch.x), "y": np.int64(patch.y),
+        "slide_id": bag.slide_id, "label_name": patch.label,
+        "valid": np.bool_(valid),
+    }
+
+
+def make_patch_iterator(records_dir: str, magnification: float, batch_size: int, *,
+                        tokenizer=None, context_length: int = 77, image_size: int = 0,
+                        min_tissue: float = 0.0, class_names: Sequence[str] = (),
+                        process_index=None, process_count=None, worker_count: int = 0,
+                        read_threads: int = 0):
+  """Every patch of every bag at one magnification, in record order, once; for evaluation.
+
+  Batches (per host, `batch_size` per host): images uint8 [B, H, W, 3], labels int32 [B]
+  (-1 unknown), magnification, tissue float32 [B], caption_ids int32 [B, ctx] (with a
+  tokenizer), caption_mask bool [B], record_index/patch_index int32 [B], x/y int64 [B],
+  slide_id/label_name/captions str [B], valid bool [B] (False for the final batch's padding).
+  Hosts take disjoint positions (p, p+P, ...) and the same number of batches.
+  """
+  process_index, process_count = resolve_process(process_index, process_count)
+  source, _ = records_lib.open_records(records_dir)
+  index = index_patches(source, magnification, min_tissue=min_tissue)
+  if not len(index):
+    raise ValueError(f"{records_dir} has no patch at magnification {magnification}")
+  plan = ShardPlan(len(index), process_index, process_count, shuffle=False, pad=True)
+  num_batches = -(-plan.per_epoch // batch_size)
+  from pathjax.input.tokenize import TextTokenizer
+  if tokenizer is not None and not isinstance(tokenizer, TextTokenizer):
+    tokenizer = TextTokenizer(tokenizer, context_length)
+  ds = grain.MapDataset.range(num_batches * batch_size).map(
+      PatchExamples(source, index, plan, image_size, class_names))
+  ds = ds.batch(batch_size, drop_remainder=True,
+                batch_fn=Collate(tokenizer, (("captions", "caption_ids"),), keep=("captions",)))
+  config = ml_collections.ConfigDict({"worker_count": worker_count, "read_threads": read_threads,
+                                      "worker_buffer_size": 2})
+  return iter(_finish(ds, config, None))
+
+
+# ----------------------------------------------------------------------------------------
+# Global batches
+
+
+def to_global(batch: dict[str, Any], mesh, rules) -> dict[str, Any]:
+  """Per-host numpy batch -> global jax.Arrays split over the mesh's data axes.
+
+  Uses pathjax.sharding.make_global_batch; string arrays (ids, captions kept for
+  inspection) stay on the host and are dropped from the result.
+  """
+  from pathjax import sharding
+  numeric = {k: v for k, v in batch.items()
+             if not (isinstance(v, np.ndarray) and v.dtype.kind in "USO")}
+  return sharding.make_global_batch(numeric, mesh, rules)
+
+
+def batches_per_epoch(config, process_count: int | None = None) -> int:
+  """Training steps per epoch (per host), for schedules."""
+  if process_count is None:
+    import jax
+    process_count = jax.process_count()
+  source, _ = records_lib.open_records(config.records_dir)
+  per_host = len(source) // process_count
+  return per_host // _per_host_batch(int(config.global_batch_size), process_count)

@@ -1,0 +1,66 @@
+"""`pathjax tokenizer train --captions FILE [FILE ...] --out DIR --vocab-size N`.
+
+Trains a CLIP-compatible byte-level BPE tokenizer on the "caption" field of JSON-lines
+caption files (read line by line; malformed lines are skipped and counted) and saves a
+directory that `AutoTokenizer.from_pretrained(DIR)` loads. The smoke demo uses it because
+QuiltNet's tokenizer cannot be downloaded offline.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+
+def register(parser):
+  sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+  train = sub.add_parser("train", help="train a CLIP-style BPE tokenizer on captions")
+  train.add_argument("--captions", nargs="+", required=True,
+                     help="JSON-lines files (or globs) with a caption field per line")
+  train.add_argument("--out", required=True, help="output directory")
+  train.add_argument("--vocab-size", type=int, default=8192, help="upper bound, specials included")
+  train.add_argument("--field", default="caption", help="JSON field holding the text")
+  train.add_argument("--context-length", type=int, default=77)
+  train.add_argument("--min-frequency", type=int, default=2)
+
+
+def _count_lines(paths, field):
+  good = bad = 0
+  for path in paths:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      for line in f:
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+          ok = isinstance(record, dict) and isinstance(record.get(field), str) and record[field]
+        except json.JSONDecodeError:
+          ok = False
+        good, bad = (good + 1, bad) if ok else (good, bad + 1)
+  return good, bad
+
+
+def main(args) -> int:
+  from pathjax.input import tokenize
+  paths = []
+  for pattern in args.captions:
+    matched = sorted(glob.glob(pattern))
+    paths.extend(matched if matched else [pattern])
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    print(f"pathjax tokenizer: no such caption file(s): {', '.join(missing)}", file=sys.stderr)
+    return 2
+  good, bad = _count_lines(paths, args.field)
+  if not good:
+    print(f"pathjax tokenizer: no line with a non-empty {args.field!r} field in {paths}",
+          file=sys.stderr)
+    return 2
+  tokenize.train_bpe_tokenizer(tokenize.read_caption_texts(paths, args.field), args.out,
+                               args.vocab_size, context_length=args.context_length,
+                               min_frequency=args.min_frequency)
+  tok = tokenize.TextTokenizer(args.out, args.context_length)
+  print(f"trained on {good} captions from {len(paths)} file(s) ({bad} lines skipped); "
+        f"vocab {tok.vocab_size}, bos {tok.bos_id}, eos {tok.eos_id}, pad {tok.pad_id} -> {args.out}")
+  return 0

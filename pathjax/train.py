@@ -1,0 +1,373 @@
+"""The recipe-agnostic training loop.
+
+    state = TrainState(step, params, opt_state, rng), born sharded over the config's mesh
+    for each step: host batch (Grain) -> global jax.Arrays -> one jitted step (state donated)
+
+The train step folds the rng with the step, computes the recipe's loss and gradients (for
+`optimizer.accumulate_steps > 1` as a `lax.scan` over micro-batches of the global batch, so
+activation memory scales with the micro-batch and the update equals a big-batch update),
+applies the optax transformation from pathjax.optim and returns metrics that stay on device
+until a log, eval or checkpoint step fetches them. Fetched metrics are checked for NaN/Inf.
+
+Checkpoints (pathjax.checkpoint) hold the state and the Grain iterator position; a rerun
+with the same WORKDIR resumes from the newest good checkpoint and then produces, step for
+step, the metrics an uninterrupted run would have. SIGTERM saves and exits cleanly.
+
+Pieces other commands reuse: `TrainState`, `make_init_fn`, `create_train_state`,
+`abstract_train_state` (ShapeDtypeStructs with shardings for AOT lowering) and
+`build_train_step` (the jitted step for given shardings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import threading
+import warnings
+from typing import Any, Callable, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from pathjax import config_lib, sharding
+from pathjax.checkpoint import Checkpointer
+from pathjax.metrics_log import MetricsLogger
+from pathjax.optim import make_optimizer, stop_frozen_gradients, trainable_global_norm
+from pathjax.recipes.base import make_recipe
+
+log = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array       # int32 scalar: completed steps
+  params: Any
+  opt_state: Any
+  rng: jax.Array        # base training key; each step uses fold_in(rng, step)
+
+
+class NonFiniteError(FloatingPointError):
+  """A fetched training metric is NaN or Inf."""
+
+
+class ConfigMismatchWarning(UserWarning):
+  pass
+
+
+@dataclasses.dataclass
+class Evaluator:
+  """A periodic evaluation: `fn(params, step) -> {metric: float}` every `every` steps."""
+  name: str
+  every: int
+  fn: Callable[[Any, int], dict]
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def make_init_fn(recipe, tx: optax.GradientTransformation, batch) -> Callable[[jax.Array], TrainState]:
+  """rng -> TrainState with boxed params and optimizer state (moments share the params' axes)."""
+  def init(rng):
+    init_rng, train_rng = jax.random.split(rng)
+    params = recipe.init(init_rng, batch)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=train_rng)
+  return init
+
+
+def _seed_key(config) -> jax.Array:
+  return jax.random.PRNGKey(int(config.seed))
+
+
+def abstract_train_state(config, recipe, mesh: Mesh, tx: optax.GradientTransformation | None = None):
+  """(TrainState of ShapeDtypeStructs carrying shardings, TrainState of NamedShardings).
+
+  Nothing is allocated: this is what AOT compilation lowers the train step with, and what a
+  checkpoint is restored into.
+  """
+  if tx is None:
+    tx, _ = make_optimizer(config.optimizer, config.total_steps)
+  init = make_init_fn(recipe, tx, recipe.example_batch(config.batch_size))
+  return sharding.abstract_with_shardings(init, mesh, sharding.rules_from_config(config),
+                                          _seed_key(config))
+
+
+def create_train_state(config, recipe, mesh: Mesh, tx: optax.GradientTransformation):
+  """(TrainState, shardings): parameters and optimizer state initialised already sharded."""
+  init = make_init_fn(recipe, tx, recipe.example_batch(config.batch_size))
+  return sharding.sharded_init(init, mesh, sharding.rules_from_config(config), _seed_key(config))
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def _split_micro_batches(x: jax.Array, k: int) -> jax.Array:
+  """[B, ...] -> [k, B/k, ...]; micro-batch i takes rows i, i+k, ... so it spans every device."""
+  x = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+  return nn.with_logical_constraint(x, (None, "act_batch") + (None,) * (x.ndim - 2))
+
+
+def make_train_step(recipe, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    opt_config) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The un-jitted step: (state, global batch) -> (new state, metrics)."""
+  freeze = tuple(opt_config.get("freeze", ()))
+  accum = int(opt_config.get("accumulate_steps", 1))
+
+  def loss_fn(params, batch, rng):
+    loss, metrics = recipe.loss(stop_frozen_gradients(params, freeze), batch, rng, True)
+    return loss, metrics
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step_fn(state: TrainState, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    if accum <= 1:
+      (loss, metrics), grads = grad_fn(state.params, batch, rng)
+    else:
+      micro = jax.tree.map(lambda x: _split_micro_batches(x, accum), batch)
+      first = jax.tree.map(lambda x: x[0], micro)
+      (loss_shape, metrics_shape), grads_shape = jax.eval_shape(grad_fn, state.params, first, rng)
+      zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), tree)
+
+      def body(carry, xs):
+        index, micro_batch = xs
+        (l, m), g = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, index))
+        add = lambda a, b: jax.tree.map(lambda x, y: x + y.astype(jnp.float32), a, b)
+        return add(carry, (l, m, g)), None
+
+      total, _ = jax.lax.scan(body, zeros((loss_shape, metrics_shape, grads_shape)),
+                              (jnp.arange(accum), micro))
+      loss, metrics, grads = jax.tree.map(lambda x: x / accum, total)
+      grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics)
+    metrics.update(loss=loss, learning_rate=schedule(state.step),
+                   grad_norm=trainable_global_norm(grads, freeze))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  return step_fn
+
+
+def build_train_step(config, recipe, mesh: Mesh, state_shardings, tx=None, schedule=None):
+  """The jitted step with explicit in/out shardings and the state donated.
+
+  Logical axis rules and the mesh are entered inside the traced function, so the result can
+  be called directly or lowered for AOT with `abstract_train_state` structs and
+  `jax.ShapeDtypeStruct` batches carrying `sharding.batch_sharding(mesh, rules)`.
+  """
+  if tx is None or schedule is None:
+    tx, schedule = make_optimizer(config.optimizer, config.total_steps)
+  rules = sharding._drop_missing_axes(sharding.rules_from_config(config), mesh)  # pylint: disable=protected-access
+  step_fn = make_train_step(recipe, tx, schedule, config.optimizer)
+
+  def step_in_context(state, batch):
+    with mesh, nn.logical_axis_rules(rules):
+      return step_fn(state, batch)
+
+  return jax.jit(step_in_context,
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh, rules)),
+                 out_shardings=(state_shardings, NamedSharding(mesh, P())),
+                 donate_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def check_finite(metrics: dict, step: int, last_checkpoint: int | None = None) -> None:
+  bad = {k: float(np.asarray(v).ravel()[0]) for k, v in metrics.items()
+         if not np.all(np.isfinite(np.asarray(v)))}
+  if bad:
+    named = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+    where = (f"; the last checkpoint is step {last_checkpoint}" if last_checkpoint is not None
+             else "; no checkpoint was written yet")
+    raise NonFiniteError(f"non-finite training metrics at step {step}: {named}{where} "
+                         "(lower optimizer.lr, raise warmup_steps or set grad_clip_norm)")
+
+
+def make_evaluators(config, recipe) -> list[Evaluator]:
+  """Evaluators for `config.evals` via pathjax.evaluate.registry.make_evaluator."""
+  evals = list(config.get("evals", []) or [])
+  if not evals:
+    return []
+  try:
+    from pathjax.evaluate.registry import make_evaluator
+  except ModuleNotFoundError as e:
+    if e.name and e.name.startswith("pathjax.evaluate"):
+      raise config_lib.ConfigError(
+          "config.evals is set but pathjax.evaluate.registry is not available") from None
+    raise
+  out = []
+  for eval_config in evals:
+    name = eval_config.get("name", None) or eval_config.kind
+    out.append(Evaluator(name=name, every=int(eval_config.every),
+                         fn=make_evaluator(eval_config, recipe)))
+  return out
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def write_config(config, workdir: str) -> None:
+  """Writes WORKDIR/config.json; warns naming the fields that differ from a previous run's."""
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(json.dumps(config_lib.to_json_dict(config), default=str))
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    old, new = _flatten(previous), _flatten(current)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+      warnings.warn(
+          f"{path}: the config differs from the previous run in this workdir: "
+          + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:20]),
+          ConfigMismatchWarning, stacklevel=3)
+  with open(path + ".tmp", "w") as f:
+    json.dump(current, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def check_batch(config, mesh: Mesh) -> None:
+  rules = sharding.rules_from_config(config)
+  bs, procs = int(config.batch_size), jax.process_count()
+  accum = int(config.optimizer.get("accumulate_steps", 1))
+  shards = sharding.num_batch_shards(mesh, rules)
+  if bs % procs or bs % shards or bs % accum or (bs // accum) % shards:
+    raise config_lib.ConfigError(
+        f"batch_size {bs} must be divisible by the process count ({procs}), the batch shards "
+        f"of the mesh ({shards}) and accumulate_steps ({accum}) times the batch shards")
+
+
+class _Preemption:
+  """SIGTERM -> flag (single process). Multi-process runs rely on JAX's preemption sync point."""
+
+  def __init__(self, checkpointer: Checkpointer):
+    self.checkpointer = checkpointer
+    self.flag = False
+    self._old = None
+    self.multi = jax.process_count() > 1
+    if not self.multi and threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.flag = True
+
+  def reached(self, step: int) -> bool:
+    if self.multi:
+      try:
+        return bool(self.checkpointer.reached_preemption(step))
+      except Exception:  # no distributed preemption service (e.g. gloo CPU runs)
+        return False
+    return self.flag
+
+  def restore(self) -> None:
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _export(config, recipe, params, workdir: str) -> str | None:
+  try:
+    from pathjax.models import model_dir
+  except ImportError:
+    warnings.warn("config.export_model is set but pathjax.models.model_dir is not available")
+    return None
+  path = os.path.join(workdir, "model")
+  model_dir.save_model_dir(path, recipe.export(jax.device_get(params)), config)
+  return path
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def train(config, workdir: str, *, recipe=None, devices: Sequence[jax.Device] | None = None,
+          evaluators: list[Evaluator] | None = None) -> dict:
+  """Trains `config` in `workdir` (resuming from its checkpoints); returns the last metrics.
+
+  `recipe` defaults to make_recipe(config), `devices` to all devices, `evaluators` to those
+  built from config.evals.
+  """
+  workdir = os.path.abspath(workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    write_config(config, workdir)
+  recipe = make_recipe(config) if recipe is None else recipe
+  mesh = sharding.mesh_from_config(config, devices)
+  rules = sharding.rules_from_config(config)
+  check_batch(config, mesh)
+  tx, schedule = make_optimizer(config.optimizer, config.total_steps)
+  total = int(config.total_steps)
+  log_every, ckpt_every = max(int(config.log_every), 1), max(int(config.checkpoint_every), 1)
+  evaluators = make_evaluators(config, recipe) if evaluators is None else evaluators
+
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.keep_checkpoints),
+                              async_save=bool(config.get("async_checkpoints", True)))
+  iterator = recipe.train_iterator(jax.process_index(), jax.process_count())
+  abstract, shardings = abstract_train_state(config, recipe, mesh, tx)
+  restored = checkpointer.restore_latest(abstract, iterator)
+  if restored is None:
+    state, shardings = create_train_state(config, recipe, mesh, tx)
+    start = 0
+  else:
+    state, start = restored
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  logger = MetricsLogger(workdir, total, int(config.batch_size), enabled=is_main)
+  logger.truncate_after(start)
+  if is_main:
+    how = f"resumed from checkpoint step {start}" if start else "starting from scratch"
+    print(f"pathjax train: {how}; {num_params:,} parameters; mesh {dict(mesh.shape)}; "
+          f"{total} steps; workdir {workdir}", flush=True)
+  train_step = build_train_step(config, recipe, mesh, shardings, tx, schedule)
+  preemption = _Preemption(checkpointer)
+  record: dict = {}
+  logger.start(start)
+  try:
+    with mesh, nn.logical_axis_rules(sharding._drop_missing_axes(rules, mesh)):  # pylint: disable=protected-access
+      for step in range(start, total):
+        batch = sharding.make_global_batch(next(iterator), mesh, rules)
+        state, metrics = train_step(state, batch)
+        done = step + 1
+        is_log = done % log_every == 0 or done == total
+        is_ckpt = done % ckpt_every == 0 or done == total
+        due = [e for e in evaluators if done % e.every == 0 or done == total]
+        preempted = preemption.reached(done)
+        if is_log or is_ckpt or due or preempted:
+          host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          check_finite(host, done, checkpointer.latest_step())
+          for evaluator in due:
+            host.update({f"{evaluator.name}/{k}": float(v)
+                         for k, v in evaluator.fn(state.params, done).items()})
+          if is_log or due:
+            record = logger.log(done, host)
+        if is_ckpt or preempted:
+          checkpointer.save(done, state, iterator)
+        if preempted:
+          if is_main:
+            print(f"pathjax train: preempted (SIGTERM); saved step {done} and stopped", flush=True)
+          record = dict(record, preempted_at=done)
+          break
+  finally:
+    preemption.restore()
+    checkpointer.close()
+    logger.close()
+  if bool(config.get("export_model", False)) and not record.get("preempted_at"):
+    _export(config, recipe, state.params, workdir)
+  return record

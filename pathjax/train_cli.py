@@ -1,0 +1,46 @@
+"""`pathjax train --config=configs/X.py:VARIANT --workdir DIR [--config.a.b=v ...]`.
+
+Rerunning the same command continues from the newest good checkpoint in DIR. The config is
+loaded and every override checked before jax starts anything, so a typo fails at once.
+
+Multi-process: pass `--coordinator_address host:port --num_processes N --process_id i`
+(CPU processes then use gloo collectives), or `--distributed` to let
+`jax.distributed.initialize()` detect a TPU pod or SLURM cluster.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def register(parser):
+  parser.add_argument("--config", required=True, help="configs/<name>.py[:variant]")
+  parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tb/, config.json")
+  parser.add_argument("--distributed", action="store_true",
+                      help="call jax.distributed.initialize() with cluster auto-detection")
+  parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+  parser.add_argument("--num_processes", type=int, default=None)
+  parser.add_argument("--process_id", type=int, default=None)
+
+
+def init_distributed(args) -> None:
+  import jax
+  if args.coordinator_address:
+    if jax.config.jax_platforms in (None, "", "cpu") or jax.config.jax_platforms.startswith("cpu"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                               num_processes=args.num_processes, process_id=args.process_id)
+  elif args.distributed:
+    jax.distributed.initialize()
+
+
+def main(args) -> int:
+  from pathjax.config_lib import load_config
+  config = load_config(args.config, args.config_overrides)  # ConfigError -> exit 2, nothing ran
+  init_distributed(args)
+  from pathjax.train import train
+  final = train(config, args.workdir)
+  import jax
+  if jax.process_index() == 0:
+    print("final metrics: " + json.dumps(final, sort_keys=True))
+  return 0
