@@ -69,7 +69,9 @@ def _loss() -> ml_collections.ConfigDict:
 def get_config(arg=None):
   parts = (arg or "smoke").split(",")
   size = pick_variant(parts[0], {s: s for s in SIZES}, default="smoke")
-  ablations = [pick_variant(p, {a: a for a in ABLATIONS}, default="") for p in parts[1:]]
+  plans = [p for p in parts[1:] if p in PLANS]  # sharding plans (block at the end of this file)
+  ablations = [pick_variant(p, {a: a for a in ABLATIONS}, default="") for p in parts[1:]
+               if p not in PLANS]
 
   config = default_train_config()
   config.recipe = "mrplip"
@@ -118,4 +120,45 @@ def get_config(arg=None):
       # One magnification: the 20x level of a 5/10/20/40 bag (level 2), no parent/child pairs.
       config.input.levels = (2,)
       config.loss.w_mrtva = 0.0
+  for plan in plans:
+    apply_plan(config, plan)
   return config
+
+
+# ----------------------------------------------------------------------------------------
+# Sharding plans (issue 6; pathjax/aot.py). Chosen from AOT compiles of the real train step
+# (`pathjax compile`); a plan sets the mesh, the logical axis rules, the remat policy and
+# the global batch for one TPU slice shape, and records what the compiler reported.
+# Use it after the size: `configs/mrplip.py:vitl16,v5e_256` (composes with ablations).
+#
+#   pathjax compile --config=configs/mrplip.py:vitl16,v5e_256 --topology v5e:16x16
+#   pathjax compile --config=configs/mrplip.py:vitl16,v4_128 --topology v4:4x4x4
+#
+# Compiled figures (libtpu 0.0.42, jax 0.10.2): see PLANS[...]["compiled"].
+# ----------------------------------------------------------------------------------------
+
+# Every parameter and optimizer moment is split over all chips on its "embed" axis (FSDP,
+# ZeRO-3 style) and the batch over the same chips (data parallel); no tensor parallelism.
+_FSDP = dict(mesh_shape=(1, 1, -1, 1))
+
+PLANS = {
+    "v5e_256": dict(
+        _FSDP, topology="v5e:16x16", chips=256, per_chip_batch=16, remat="dots_no_batch",
+        compiled="pending"),
+    "v4_128": dict(
+        _FSDP, topology="v4:4x4x4", chips=64, per_chip_batch=64, remat="dots_no_batch",
+        compiled="pending"),
+}
+
+
+def apply_plan(config, name: str) -> None:
+  """Sets mesh, axis rules, remat and global batch from PLANS[name]; records the plan."""
+  from pathjax.sharding import FSDP_TENSOR_RULES
+  plan = PLANS[name]
+  config.mesh.shape = tuple(plan["mesh_shape"])
+  config.axis_rules = FSDP_TENSOR_RULES   # embed -> fsdp, act_batch -> (slice, data, fsdp)
+  config.model.remat = plan["remat"]
+  config.batch_size = int(plan["per_chip_batch"]) * int(plan["chips"])
+  config.plan = ml_collections.ConfigDict(dict(
+      name=name, topology=plan["topology"], chips=plan["chips"],
+      per_chip_batch=plan["per_chip_batch"], compiled=plan["compiled"]))

@@ -13,17 +13,19 @@ Conventions:
   sigmoid loss: the raw `s`). Embeddings are L2-normalised by the caller.
 - Masks are boolean (or 0/1) with True = a real example; padded examples contribute neither
   as anchors nor as negatives, and means are taken over the real ones.
+- Meshes have Auto axis types (the project's convention, see `pathjax.sharding`); under
+  Explicit axes only `chunked_sigmoid_contrastive` works as is.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 _NEG = -1e30  # "minus infinity" that keeps arithmetic finite (no inf - inf, no 0 * inf)
 
@@ -170,7 +172,7 @@ def _ring_perm(n: int):
 
 def _sig_block(x, t, vx, vt, s, bias, positive: bool):
   """Raw similarities, logits, labels and pair mask of one [b, b] block."""
-  raw = x @ t.T
+  raw = x @ t.astype(jnp.float32).T  # text chunks travel in their input dtype (less traffic)
   z = s * raw + bias
   if positive:
     y = 2.0 * jnp.eye(x.shape[0], t.shape[0], dtype=jnp.float32) - 1.0
@@ -184,7 +186,7 @@ def _ring_normalizer(vx, axes):
 
 
 def _ring_forward(x, t, vx, vt, s, bias, *, axes, n):
-  x, t, vx, vt, s, bias = _f32(x, t, vx, vt, s, bias)
+  x, vx, vt, s, bias = _f32(x, vx, vt, s, bias)
 
   def nll(t, vt, positive):
     _, z, y, m = _sig_block(x, t, vx, vt, s, bias, positive)
@@ -203,13 +205,13 @@ def _ring_forward(x, t, vx, vt, s, bias, *, axes, n):
 def _ring_backward(x, t, vx, vt, s, bias, g, *, axes, n):
   """Gradients of `_ring_forward` by a second ring pass; the text gradient travels with t."""
   in_dtypes = (x.dtype, t.dtype)
-  x, t, vx, vt, s, bias, g = _f32(x, t, vx, vt, s, bias, g)
+  x, vx, vt, s, bias, g = _f32(x, vx, vt, s, bias, g)
   coef = g / _ring_normalizer(vx, axes)
 
   def block(t, vt, positive):
     raw, z, y, m = _sig_block(x, t, vx, vt, s, bias, positive)
     dz = coef * m * (-y) * jax.nn.sigmoid(-y * z)  # d/dz of -log sigmoid(y z), times upstream
-    return s * (dz @ t), s * (dz.T @ x), jnp.sum(dz * raw), jnp.sum(dz)
+    return s * (dz @ t.astype(jnp.float32)), s * (dz.T @ x), jnp.sum(dz * raw), jnp.sum(dz)
 
   def body(_, carry):
     t, vt, dt, dx, ds, db = carry
@@ -276,8 +278,15 @@ def chunked_sigmoid_contrastive(img: jax.Array, txt: jax.Array,
     return dx, dt, jnp.zeros_like(v), ds.astype(s.dtype), db.astype(bias.dtype)
 
   loss.defvjp(loss_fwd, loss_bwd)
-  return loss(img, txt, vmask, jnp.asarray(logit_scale, jnp.result_type(logit_scale)),
-              jnp.asarray(logit_bias, jnp.result_type(logit_bias)))
+  scale = jnp.asarray(logit_scale, jnp.result_type(logit_scale))
+  bias = jnp.asarray(logit_bias, jnp.result_type(logit_bias))
+  if any(mesh.axis_types[mesh.axis_names.index(a)] == AxisType.Explicit for a in axes):
+    # Explicit-axes meshes (jax.make_mesh's default) need inputs already laid out as the
+    # shard_map in_specs say; Auto meshes reshard implicitly.
+    put = lambda x, spec: jax.reshard(x, NamedSharding(mesh, spec))
+    img, txt, vmask = put(img, row), put(txt, row), put(vmask, vec)
+    scale, bias = put(scale, P()), put(bias, P())
+  return loss(img, txt, vmask, scale, bias)
 
 
 # ----------------------------------------------------------------------------------------

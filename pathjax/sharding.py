@@ -99,7 +99,7 @@ def rules_from_config(config) -> tuple[tuple[str, Any], ...]:
                for name, axes in config.axis_rules)
 
 
-def _drop_missing_axes(rules, mesh: Mesh):
+def rules_for_mesh(rules, mesh: Mesh):
   """Removes mesh axes the mesh lacks, so one rule set serves meshes of any rank."""
   out = []
   for name, axes in rules:
@@ -113,7 +113,7 @@ def _drop_missing_axes(rules, mesh: Mesh):
 
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
   """NamedShardings for a (boxed) abstract tree; unboxed leaves are replicated."""
-  rules = _drop_missing_axes(rules, mesh)
+  rules = rules_for_mesh(rules, mesh)
   logical_specs = nn.get_partition_spec(abstract_tree)
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
@@ -142,7 +142,7 @@ def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, rules, *args) -> tuple
   abstract = jax.eval_shape(init_fn, *args)
   shardings = logical_shardings(abstract, mesh, rules)
   check_divisible(abstract, shardings)
-  with mesh, nn.logical_axis_rules(_drop_missing_axes(rules, mesh)):
+  with mesh, nn.logical_axis_rules(rules_for_mesh(rules, mesh)):
     tree = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
   return tree, shardings
 
@@ -157,9 +157,18 @@ def abstract_with_shardings(init_fn: Callable[..., Any], mesh: Mesh, rules, *arg
   return structs, shardings
 
 
+def current_mesh_and_rules() -> tuple[Mesh | None, tuple]:
+  """The mesh of the enclosing `with mesh:` and the active logical axis rules (or None, ())."""
+  from jax.interpreters import pxla  # the mesh context flax's logical constraints read too
+  mesh = pxla.thread_resources.env.physical_mesh
+  if mesh.empty:
+    return None, ()
+  return mesh, tuple(nn.get_logical_axis_rules())
+
+
 def batch_axes(mesh: Mesh, rules) -> tuple[str, ...] | str | None:
   """The mesh axes the batch dimension is split over (the "act_batch" rule)."""
-  for name, axes in _drop_missing_axes(rules, mesh):
+  for name, axes in rules_for_mesh(rules, mesh):
     if name == "act_batch":
       return axes
   return None

@@ -33,6 +33,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -167,7 +168,7 @@ def build_train_step(config, recipe, mesh: Mesh, state_shardings, tx=None, sched
   """
   if tx is None or schedule is None:
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
-  rules = sharding._drop_missing_axes(sharding.rules_from_config(config), mesh)  # pylint: disable=protected-access
+  rules = sharding.rules_for_mesh(sharding.rules_from_config(config), mesh)
   step_fn = make_train_step(recipe, tx, schedule, config.optimizer)
 
   def step_in_context(state, batch):
@@ -208,6 +209,8 @@ def make_evaluators(config, recipe) -> list[Evaluator]:
     raise
   out = []
   for eval_config in evals:
+    if isinstance(eval_config, dict):
+      eval_config = ml_collections.ConfigDict(eval_config)
     name = eval_config.get("name", None) or eval_config.kind
     out.append(Evaluator(name=name, every=int(eval_config.every),
                          fn=make_evaluator(eval_config, recipe)))
@@ -340,7 +343,7 @@ def train(config, workdir: str, *, recipe=None, devices: Sequence[jax.Device] | 
   record: dict = {}
   logger.start(start)
   try:
-    with mesh, nn.logical_axis_rules(sharding._drop_missing_axes(rules, mesh)):  # pylint: disable=protected-access
+    with mesh, nn.logical_axis_rules(sharding.rules_for_mesh(rules, mesh)):
       for step in range(start, total):
         batch = sharding.make_global_batch(next(iterator), mesh, rules)
         state, metrics = train_step(state, batch)

@@ -71,7 +71,7 @@ def test_softmax_contrastive_value(eps):
 def test_softmax_contrastive_grad_vs_numpy_and_naive():
   rng = np.random.default_rng(1)
   img, txt = _unit(rng, 7, 4), _unit(rng, 7, 4)
-  grads = jax.grad(losses.softmax_contrastive, argnums=(0, 1, 2))(img, txt, 3.0)
+  grads = jax.jit(jax.grad(losses.softmax_contrastive, argnums=(0, 1, 2)))(img, txt, 3.0)
   for g, ref in zip(grads, _np_clip_grad(img, txt, 3.0)):
     _close(g, ref)
 
@@ -81,7 +81,7 @@ def test_softmax_contrastive_grad_vs_numpy_and_naive():
     return 0.5 * (jnp.sum(jax.nn.logsumexp(lg, 1)) - d + jnp.sum(jax.nn.logsumexp(lg, 0)) - d
                   ) / lg.shape[0]
 
-  ng = jax.grad(naive, argnums=(0, 1, 2))(img, txt, 3.0)
+  ng = jax.jit(jax.grad(naive, argnums=(0, 1, 2)))(img, txt, 3.0)
   for g, ref in zip(grads, ng):
     _close(g, ref)
 
@@ -163,7 +163,7 @@ def test_sigmoid_contrastive_value_and_grad():
   rng = np.random.default_rng(6)
   img, txt = _unit(rng, 8, 5), _unit(rng, 8, 5)
   _close(losses.sigmoid_contrastive(img, txt, 10.0, -10.0), _np_siglip(img, txt, 10.0, -10.0))
-  grads = jax.grad(losses.sigmoid_contrastive, argnums=(0, 1, 2, 3))(img, txt, 10.0, -10.0)
+  grads = jax.jit(jax.grad(losses.sigmoid_contrastive, argnums=(0, 1, 2, 3)))(img, txt, 10.0, -10.0)
   for g, ref in zip(grads, _np_siglip_grad(img, txt, 10.0, -10.0)):
     _close(g, ref)
 
@@ -222,6 +222,19 @@ def test_chunked_sigmoid_bf16_and_eager():
   rx, rt = jax.grad(losses.sigmoid_contrastive, argnums=(0, 1))(ib, tb, 2.0, -1.0)
   _close(gx, rx, rtol=1e-2, atol=1e-3)
   _close(gt, rt, rtol=1e-2, atol=1e-3)
+
+
+def test_chunked_sigmoid_on_explicit_axes_mesh():
+  """jax.make_mesh's default Explicit axes: inputs laid out otherwise are resharded."""
+  rng = np.random.default_rng(19)
+  img, txt = _unit(rng, 16, 8), _unit(rng, 16, 8)
+  mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+  xi, xt = (jax.device_put(a, NamedSharding(mesh, P("data", None))) for a in (img, txt))
+  f = lambda x, t: losses.chunked_sigmoid_contrastive(x, t, 10.0, -10.0, mesh=mesh,
+                                                      batch_axes=("data", "fsdp"))
+  val, g = jax.jit(jax.value_and_grad(f))(xi, xt)
+  _close(val, _np_siglip(img, txt, 10.0, -10.0))
+  _close(g, _np_siglip_grad(img, txt, 10.0, -10.0)[0])
 
 
 def test_chunked_sigmoid_rejects_indivisible_batch():
@@ -288,8 +301,8 @@ def test_cvta_all_bags_masked_is_zero_not_nan():
   v, w, _ = _cvta_inputs(11)
   w_mask = np.zeros(w.shape[:2], bool)
   w_mask[:, 0] = True
-  loss, m = losses.cvta_loss(v, w, w_mask, k=1, temperature=0.1)
-  g = jax.grad(lambda v: losses.cvta_loss(v, w, w_mask, k=1, temperature=0.1)[0])(v)
+  (loss, m), g = jax.jit(jax.value_and_grad(
+      lambda v: losses.cvta_loss(v, w, w_mask, k=1, temperature=0.1), has_aux=True))(v)
   assert float(loss) == 0.0 and int(m["cvta_masked_bags"]) == 4
   assert np.all(np.isfinite(g)) and np.all(np.asarray(g) == 0)
 
@@ -341,15 +354,15 @@ def test_simsiam_value_mask_and_stop_gradient():
   mask = np.array([1, 0, 1, 1, 0, 1], bool)
   _close(losses.simsiam_loss(p1, z2, p2, z1, mask=mask), ref[mask].mean())
 
-  gz2, gz1 = jax.grad(losses.simsiam_loss, argnums=(1, 3))(p1, z2, p2, z1)
+  gz2, gz1 = jax.jit(jax.grad(losses.simsiam_loss, argnums=(1, 3)))(p1, z2, p2, z1)
   assert np.all(np.asarray(gz2) == 0) and np.all(np.asarray(gz1) == 0)
 
   def naive(p1, p2):  # gradient w.r.t. p of -cos(p, z): -(z/|z| - cos p/|p|) / |p|
     cos = lambda a, b: jnp.sum(a * b, -1) / jnp.sqrt(jnp.sum(a * a, -1) * jnp.sum(b * b, -1))
     return jnp.mean(-0.5 * cos(p1, z2) - 0.5 * cos(p2, z1))
 
-  got = jax.grad(losses.simsiam_loss, argnums=(0, 2))(p1, z2, p2, z1)
-  for g, r in zip(got, jax.grad(naive, argnums=(0, 1))(p1, p2)):
+  got = jax.jit(jax.grad(losses.simsiam_loss, argnums=(0, 2)))(p1, z2, p2, z1)
+  for g, r in zip(got, jax.jit(jax.grad(naive, argnums=(0, 1)))(p1, p2)):
     _close(g, r)
   # analytic numpy gradient for p1
   p, z = p1.astype(np.float64), z2.astype(np.float64)
@@ -375,7 +388,7 @@ def test_simsiam_through_shared_network_only_predictor_path():
     cos = lambda a, b: jnp.sum(losses.l2_normalize(a) * losses.l2_normalize(b), -1)
     return jnp.mean(-0.5 * cos(z1 @ wh, c2) - 0.5 * cos(z2 @ wh, c1))
 
-  _close(jax.grad(loss)(wg), jax.grad(manual)(wg))
+  _close(jax.jit(jax.grad(loss))(wg), jax.jit(jax.grad(manual))(wg))
 
 
 # ---------------------------------------------------------------------------- ITM
@@ -388,11 +401,11 @@ def test_itm_hard_negatives_never_positive_and_follow_softmax():
   pos_mask = np.zeros((b, b), bool)
   pos_mask[0, 1] = True   # text 1 also describes image 0 (e.g. same slide)
   valid = np.array([1, 1, 1, 1, 0], bool)
-  keys = jax.random.split(jax.random.key(0), 4000)
+  keys = jax.random.split(jax.random.key(0), 3000)
   f = jax.jit(jax.vmap(lambda k: losses.itm_hard_negative_indices(
       sim, sim.T, k, positive_mask=pos_mask, valid=valid)))
   neg_t, neg_i = map(np.asarray, f(keys))
-  assert neg_t.dtype == np.int32 and neg_t.shape == (4000, b)
+  assert neg_t.dtype == np.int32 and neg_t.shape == (3000, b)
   assert not np.any(neg_t == np.arange(b)) and not np.any(neg_i == np.arange(b))
   assert not np.any(neg_t[:, 0] == 1) and not np.any(neg_i[:, 1] == 0)
   assert not np.any(neg_t == 4) and not np.any(neg_i == 4)
@@ -406,14 +419,6 @@ def test_itm_hard_negatives_never_positive_and_follow_softmax():
   a1 = losses.itm_hard_negative_indices(sim, sim.T, jax.random.key(3))
   a2 = losses.itm_hard_negative_indices(sim, sim.T, jax.random.key(3))
   np.testing.assert_array_equal(a1[0], a2[0])
-
-
-def test_itm_hard_negatives_have_no_gradient_path():
-  sim = jnp.asarray(np.random.default_rng(16).normal(size=(4, 4)), jnp.float32)
-  g = jax.grad(lambda s: jnp.sum(
-      losses.itm_hard_negative_indices(s, s.T, jax.random.key(0))[0].astype(jnp.float32) * s[0, 0])
-  )(sim)
-  assert np.all(np.isfinite(g))
 
 
 def test_image_text_matching_loss():

@@ -54,11 +54,14 @@ def textured_jpegs(n: int, size: int, rng: np.random.Generator, quality: int = 9
 def write_synthetic_records(out_dir: str, *, num_bags: int = 16, patch_size: int = 224,
                             num_levels: int = 4, num_shards: int = 2, seed: int = 0,
                             distinct_images: int = 64, missing_caption_rate: float = 0.2,
-                            low_tissue_rate: float = 0.2, class_names=CLASSES) -> str:
+                            low_tissue_rate: float = 0.2, class_names=CLASSES,
+                            array_record_options: str | None = None) -> str:
   """A finished records directory of quad-tree bags with pooled textured JPEGs.
 
   Patch i of bag b gets JPEG (b * 131 + i) % distinct_images; captions name the bag, the
-  patch and a few terms (some missing); some descendants have low tissue.
+  patch and a few terms (some missing); some descendants have low tissue. Shards are
+  written by `records.write_shard` (what `pathjax tile` uses), or, with
+  `array_record_options` (e.g. "group_size:1,uncompressed"), directly with those options.
   """
   from pathjax.input import records, schema
   rng = np.random.default_rng(seed)
@@ -97,7 +100,17 @@ def write_synthetic_records(out_dir: str, *, num_bags: int = 16, patch_size: int
   names = []
   for s in range(num_shards):
     name = records.SHARD_PATTERN.format(index=s, count=num_shards)
-    records.write_shard(os.path.join(out_dir, name), (schema.encode_bag(bag) for bag in bags[s::num_shards]))
+    path = os.path.join(out_dir, name)
+    encoded = (schema.encode_bag(bag) for bag in bags[s::num_shards])
+    if array_record_options is None:
+      records.write_shard(path, encoded)
+    else:
+      from array_record.python import array_record_module
+      writer = array_record_module.ArrayRecordWriter(path + ".tmp", array_record_options)
+      for record in encoded:
+        writer.write(record)
+      writer.close()
+      os.replace(path + ".tmp", path)
     names.append(name)
   records.write_manifest(out_dir, {"shards": names, "bags": num_bags, "synthetic": True,
                                    "magnifications": mags, "patch_size": patch_size})
@@ -203,36 +216,54 @@ def _line(name: str, r: dict) -> str:
           f"({r['cpu_s'] / r['wall_s']:.2f} cores busy)")
 
 
+def _array_record_options(records_dir: str) -> str:
+  import glob
+  from array_record.python import array_record_module
+  reader = array_record_module.ArrayRecordReader(sorted(glob.glob(os.path.join(records_dir, "*.array_record")))[0])
+  try:
+    return reader.writer_options_string()
+  finally:
+    reader.close()
+
+
 def main(args) -> int:
   from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   tmp = tempfile.mkdtemp(prefix="pathjax-bench-input-")
-  records_dir = args.records
-  t0 = time.perf_counter()
-  if records_dir is None:
-    records_dir = write_synthetic_records(os.path.join(tmp, "records"), num_bags=args.bags,
-                                          patch_size=224, num_levels=4, num_shards=4)
   tok_dir = write_synthetic_tokenizer(os.path.join(tmp, "tokenizer"))
-  print(f"records {records_dir} ({args.bags} bags x 85 patches of 224 px, built in "
-        f"{time.perf_counter() - t0:.1f}s); {os.cpu_count()} CPU cores")
-  results = {"raw_1_thread": bench_raw(records_dir, args.seconds)}
-  print(_line("raw grain read + JPEG decode (1 thread)", results["raw_1_thread"]))
-  results["pipeline_0_workers"] = bench_pipeline(records_dir, tok_dir, 0, args.batch,
-                                                 args.seconds, 2)
-  print(_line("full pipeline, 0 workers", results["pipeline_0_workers"]))
-  results[f"pipeline_{args.workers}_workers"] = r = bench_pipeline(
-      records_dir, tok_dir, args.workers, args.batch, args.seconds, 4 * args.workers)
-  print(_line(f"full pipeline, {args.workers} workers", r))
-  per_core = max(results["pipeline_0_workers"]["images"] / results["pipeline_0_workers"]["cpu_s"],
-                 r["images"] / r["cpu_s"])
-  cores = H100_IMAGES_PER_S / per_core
-  print(f"augmented images/s per core (best): {per_core:.0f} (goal >= 800): "
-        f"{'met' if per_core >= 800 else 'NOT met'}")
-  print(f"an H100 at 50% MFU consumes ~{H100_IMAGES_PER_S:.0f} images/s -> "
-        f"{cores:.1f} cores per GPU at this rate")
-  results["per_core"] = per_core
-  results["cores_per_h100"] = cores
+  if args.records:
+    layouts = {"given": args.records}
+  else:
+    layouts = {}
+    for name, options in (("as written by records.write_shard", None),
+                          ("uncompressed", "group_size:1,uncompressed")):
+      t0 = time.perf_counter()
+      layouts[name] = write_synthetic_records(
+          os.path.join(tmp, name.split()[0]), num_bags=args.bags, patch_size=224, num_levels=4,
+          num_shards=4, array_record_options=options)
+      print(f"built {args.bags} bags x 85 patches of 224 px ({name}) in {time.perf_counter() - t0:.1f}s")
+  print(f"{os.cpu_count()} CPU cores; per core = images / CPU seconds of this process and its workers")
+  results = {}
+  best = 0.0
+  for name, records_dir in layouts.items():
+    options = _array_record_options(records_dir)
+    print(f"-- records {name}: {options}")
+    raw = results[f"{name}/raw_1_thread"] = bench_raw(records_dir, args.seconds)
+    print(_line("raw grain read + JPEG decode (1 thread)", raw))
+    r0 = results[f"{name}/pipeline_0_workers"] = bench_pipeline(
+        records_dir, tok_dir, 0, args.batch, args.seconds, 2)
+    print(_line("full pipeline, 0 workers", r0))
+    rn = results[f"{name}/pipeline_{args.workers}_workers"] = bench_pipeline(
+        records_dir, tok_dir, args.workers, args.batch, args.seconds, 4 * args.workers)
+    print(_line(f"full pipeline, {args.workers} workers", rn))
+    per_core = max(r0["images"] / r0["cpu_s"], rn["images"] / rn["cpu_s"])
+    results[f"{name}/per_core"] = per_core
+    print(f"   augmented images/s per core: {per_core:.0f} (goal >= 800: "
+          f"{'met' if per_core >= 800 else 'NOT met'}); an H100 at 50% MFU (~{H100_IMAGES_PER_S:.0f} "
+          f"images/s) needs {H100_IMAGES_PER_S / per_core:.1f} cores at this rate")
+    best = max(best, per_core)
+  results["cores_per_h100"] = H100_IMAGES_PER_S / best
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(results, f, indent=2)

@@ -37,6 +37,8 @@ def _raw_reader(args):
   import tiffslide
   rng = np.random.default_rng(seed)
   slides = [tiffslide.TiffSlide(p) for p in paths]
+  for s in slides:  # warm up: open the zarr stores and the page cache before timing
+    s.read_region((0, 0), 0, (patch_size, patch_size), as_array=True)
   n, t0 = 0, time.perf_counter()
   while time.perf_counter() - t0 < seconds:
     s = slides[n % len(slides)]

@@ -128,7 +128,8 @@ def _norm(r: _Reader, name: str) -> dict[str, np.ndarray]:
 
 
 def _linear(r: _Reader, name: str, bias: bool | None = None) -> dict[str, np.ndarray]:
-  out = {"kernel": r.get(f"{name}.weight").T}
+  w = r.get(f"{name}.weight")
+  out = {"kernel": None if w is None else w.T}
   if bias is None:
     bias = r.has(f"{name}.bias")
   if bias:
@@ -280,20 +281,22 @@ def convert_timm_vit(sd: Mapping[str, np.ndarray], *, variant: str | None = None
 
   blocks = [_block(r, f"blocks.{i}.", width, heads, hd, mlp_kind, layout)
             for i in range(layout["depth"])]
-  if scan:
-    from pathjax.convert.safetensors_io import flatten, unflatten
-    flats = [flatten(b) for b in blocks]
-    params["encoder"] = {"blocks": unflatten({k: np.stack([f[k] for f in flats]) for k in flats[0]})}
-  else:
-    params["encoder"] = {f"blocks_{i}": b for i, b in enumerate(blocks)}
-
   if layout["final_norm"]:
     params["norm"] = _norm(r, "norm")
   if "fc_norm.weight" in sd:
     params["fc_norm"] = _norm(r, "fc_norm")
   if layout["num_classes"]:
     params["head"] = _linear(r, "head")
-  r.finish()
+  r.finish()  # missing / unexpected keys, listed, before anything is stacked
+
+  from pathjax.convert.safetensors_io import check_tree, flatten, unflatten
+  for i, b in enumerate(blocks[1:], 1):  # per-layer shapes must agree before stacking
+    check_tree(blocks[0], b, what=f"blocks.{i}", source=source)
+  if scan:
+    flats = [flatten(b) for b in blocks]
+    params["encoder"] = {"blocks": unflatten({k: np.stack([f[k] for f in flats]) for k in flats[0]})}
+  else:
+    params["encoder"] = {f"blocks_{i}": b for i, b in enumerate(blocks)}
   if fields.get("pool") == "avg_fc_norm" and layout["final_norm"]:
     raise WeightsError("the checkpoint has both norm and fc_norm; pathjax's avg_fc_norm pool "
                        "(timm's fc_norm) skips the final norm")
@@ -315,7 +318,10 @@ def _block(r: _Reader, pre: str, width: int, heads: int, hd: int, mlp_kind: str,
     if qkv_b is not None:
       attn[name]["bias"] = qkv_b[j * width:(j + 1) * width].reshape(heads, hd)
   proj_w = r.get(pre + "attn.proj.weight")
-  attn["out"] = {"kernel": proj_w.T.reshape(heads, hd, width)}
+  if proj_w is not None and proj_w.shape != (width, width):
+    raise WeightsError(f"shape mismatch for parameter {pre}attn.proj.weight: checkpoint has "
+                       f"{proj_w.shape}, the model expects {(width, width)}")
+  attn["out"] = {"kernel": None if proj_w is None else proj_w.T.reshape(heads, hd, width)}
   if layout["qkv_bias"] or r.has(pre + "attn.proj.bias"):
     attn["out"]["bias"] = r.get(pre + "attn.proj.bias")
   block: dict[str, Any] = {"norm1": _norm(r, pre + "norm1"), "attn": attn,
@@ -332,6 +338,8 @@ def _block(r: _Reader, pre: str, width: int, heads: int, hd: int, mlp_kind: str,
   else:  # packed: timm SwiGLUPacked (GluMlp, gate_last=False) or DINOv2 w12: act(x1) * x2
     fc1, fc2 = (m + "fc1", m + "fc2") if mlp_kind == "glu_packed" else (m + "w12", m + "w3")
     packed = _linear(r, fc1)
+    if packed["kernel"] is None:
+      return {**block, "mlp": {}}
     half = packed["kernel"].shape[1] // 2
     mlp = {"fc1_gate": {k: v[..., :half] for k, v in packed.items()},
            "fc1_up": {k: v[..., half:] for k, v in packed.items()},

@@ -68,17 +68,18 @@ class Embedder:
   @classmethod
   def from_model_dir(cls, model_or_path) -> "Embedder":
     """From a `pathjax.models.model_dir.Model` (or its path)."""
-    model = model_or_path
-    if isinstance(model_or_path, str):
-      from pathjax.models.model_dir import load_model_dir
-      model = load_model_dir(model_or_path)
+    model = _load_model(model_or_path) if isinstance(model_or_path, str) else model_or_path
     has_text = bool(getattr(model, "has_text", False))
 
     def image_fn(images):
       return model.encode_image(images, batch_size=len(images))
 
     def text_fn(texts):
-      return model.encode_text(list(texts), batch_size=max(1, len(texts)))
+      # Padded to a multiple of 64 rows so the text tower compiles for a few shapes only.
+      texts = list(texts)
+      n = len(texts)
+      padded = texts + [texts[-1]] * ((-n) % 64)
+      return np.asarray(model.encode_text(padded, batch_size=len(padded)))[:n]
 
     return cls(image_fn, text_fn if has_text else None, int(getattr(model, "image_size", 224)),
                name=getattr(model, "path", "model"))
@@ -100,6 +101,23 @@ class Embedder:
 
     return cls(lambda x: np.asarray(image_fn(x)), texts_to_features if text_fn is not None else None,
                image_size, name=name)
+
+
+_MODEL_CACHE: dict = {}
+
+
+def _load_model(path: str):
+  """Loads a model directory once per process (keyed by path and params file time), so
+  several evaluations in one process share its compiled functions."""
+  import os
+  from pathjax.models.model_dir import PARAMS_FILE, load_model_dir
+  params = os.path.join(path, PARAMS_FILE)
+  key = (os.path.realpath(path), os.path.getmtime(params) if os.path.exists(params) else None)
+  if key not in _MODEL_CACHE:
+    if len(_MODEL_CACHE) >= 2:
+      _MODEL_CACHE.pop(next(iter(_MODEL_CACHE)))
+    _MODEL_CACHE[key] = load_model_dir(path)
+  return _MODEL_CACHE[key]
 
 
 @dataclasses.dataclass

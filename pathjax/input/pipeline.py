@@ -7,7 +7,7 @@ A Grain `MapDataset` over a virtual index stream, so every example is a pure fun
 
     host-local index i -> epoch, j = divmod(i, n_host)
                        -> global position g = j * process_count + process_index
-                       -> record = permutation_epoch(g)     (grain's index_shuffle, O(1) memory)
+                       -> record = permutation_epoch[g]   (numpy, cached per epoch)
                        -> read, decode JPEG, sample patches and keywords, augment (rng seeded
                           by (seed, epoch, record)), batch, tokenize
 
@@ -135,6 +135,18 @@ class ShardPlan:
   def epoch_seed(self, epoch: int) -> int:
     return int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
 
+  def permutation(self, epoch: int) -> np.ndarray:
+    """The epoch's global order of records (cached; 4 or 8 bytes per record)."""
+    cache = self.__dict__.setdefault("_perm_cache", {})
+    perm = cache.get(epoch)
+    if perm is None:
+      dtype = np.int32 if self.num_records < 2**31 else np.int64
+      perm = np.random.default_rng(self.epoch_seed(epoch)).permutation(self.num_records).astype(dtype)
+      if len(cache) >= 2:
+        cache.pop(min(cache))
+      cache[epoch] = perm
+    return perm
+
   def locate(self, index: int) -> tuple[int, int, bool]:
     epoch, j = divmod(int(index), self.per_epoch)
     g = j * self.process_count + self.process_index
@@ -142,8 +154,9 @@ class ShardPlan:
     if not valid:
       g = g % self.num_records
     if self.shuffle and self.num_records > 1:
-      g = int(grain.experimental.index_shuffle(g, max_index=self.num_records - 1,
-                                               seed=self.epoch_seed(epoch), rounds=4))
+      # A cached numpy permutation per epoch: grain's index_shuffle measured ~0.7 ms of CPU
+      # per call here, as much as decoding a JPEG.
+      g = int(self.permutation(epoch)[g])
     return epoch, g, valid
 
 
@@ -492,3 +505,32 @@ def batches_per_epoch(config, process_count: int | None = None) -> int:
   source, _ = records_lib.open_records(config.records_dir)
   per_host = len(source) // process_count
   return per_host // _per_host_batch(int(config.global_batch_size), process_count)
+
+
+def example_batch(config, global_batch_size: int) -> dict[str, np.ndarray]:
+  """Zeros shaped like a global training batch of `make_train_iterator` (for tracing/AOT).
+
+  Needs `config.levels` (or the default of 4 tree levels) and `config.image_size`, since no
+  records are read.
+  """
+  levels = config.get("levels")
+  levels = tuple(range(4)) if levels is None else tuple(int(l) for l in levels)
+  p = sampling.num_selected(levels, children_per_level(config))
+  size = int(config.get("image_size", 0) or 0)
+  if not size:
+    raise ValueError("example_batch needs config.input.image_size (the records' patch size)")
+  b, k, t = global_batch_size, int(config.get("max_keywords", 16)), int(config.get("context_length", 77))
+  return {
+      "images": np.zeros((b, p, size, size, 3), np.uint8),
+      "magnification": np.zeros((b, p), np.float32),
+      "level": np.zeros((b, p), np.int32),
+      "parent": np.full((b, p), -1, np.int32),
+      "patch_mask": np.ones((b, p), bool),
+      "patch_index": np.zeros((b, p), np.int32),
+      "labels": np.full((b, p), -1, np.int32),
+      "caption_mask": np.ones((b, p), bool),
+      "keyword_mask": np.ones((b, k), bool),
+      "record_index": np.zeros((b,), np.int32),
+      "caption_ids": np.zeros((b, p, t), np.int32),
+      "keyword_ids": np.zeros((b, k, t), np.int32),
+  }

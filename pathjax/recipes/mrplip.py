@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pathjax import losses
+from pathjax import losses, sharding
 from pathjax.input import transforms
 from pathjax.models import heads, layers
 from pathjax.models.fusion import FusionEncoder
@@ -135,12 +135,8 @@ class MRPLIPRecipe:
         projector_dims=tuple(m.projector_dims), predictor_dims=tuple(m.predictor_dims),
         temperature_init=loss_cfg.temperature_init, dtype=self.compute_dtype,
         param_dtype=_dtype(config.precision.param_dtype))
-    self.mesh = None  # set by the trainer for the chunked sigmoid loss (set_mesh)
 
   # -- trainer interface ----------------------------------------------------------------
-
-  def set_mesh(self, mesh, rules):
-    self.mesh, self.rules = mesh, rules
 
   def example_batch(self, global_batch_size: int) -> dict[str, np.ndarray]:
     from pathjax.input import pipeline
@@ -160,6 +156,8 @@ class MRPLIPRecipe:
   def loss(self, params, batch, rng, train: bool = True):
     cfg = self.config.loss
     apply = lambda method, *a: self.model.apply({"params": params}, *a, method=method)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()
+             if not (isinstance(v, np.ndarray) and v.dtype.kind in "USO")}  # drop raw texts
     images = batch["images"]                                   # uint8 [B, P, H, W, 3]
     b, p = images.shape[:2]
     valid = batch["patch_mask"].astype(bool)                   # [B, P]
@@ -221,10 +219,11 @@ class MRPLIPRecipe:
     # add the same constant for every parameter value, so gradients are unaffected.
     v = jnp.where(valid[:, None], v, 0.0)
     t = jnp.where(valid[:, None], t, 0.0)
-    if self.mesh is not None:
-      from pathjax import sharding
-      return losses.chunked_sigmoid_contrastive(v, t, scale, bias, mesh=self.mesh,
-                                                batch_axes=sharding.batch_axes(self.mesh, self.rules))
+    mesh, rules = sharding.current_mesh_and_rules()
+    if mesh is not None:
+      # Inside the trainer's `with mesh`: a ring over the batch axes, memory per device.
+      return losses.chunked_sigmoid_contrastive(v, t, scale, bias, mesh=mesh,
+                                                batch_axes=sharding.batch_axes(mesh, rules))
     return losses.sigmoid_contrastive(v, t, scale, bias)
 
   def _itm(self, apply, pooled, cap_tokens, cap_ids, v, t, scale, valid, rng):

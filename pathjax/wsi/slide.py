@@ -17,6 +17,7 @@ to do, so a tiler can count it as a skip and move on.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from typing import Any
@@ -61,6 +62,15 @@ class MagnificationUnavailableError(SlideError):
 
 class CorruptTileError(SlideError):
   reason = "corrupt_tile"
+
+
+class _LogCollector(logging.Handler):
+  def __init__(self):
+    super().__init__(level=logging.ERROR)
+    self.messages: list[str] = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
 
 
 def slide_id_from_path(path: str) -> str:
@@ -211,8 +221,14 @@ def open_slide(path: str, *, magnification_override: float | None = None,
     raise SlideOpenError(path, "no such file")
   if os.path.getsize(path) == 0:
     raise SlideOpenError(path, "empty file (0 bytes)")
+  # tifffile logs (rather than raises) some damage, e.g. an IFD chain that points past the
+  # end of a truncated file: collect its errors and refuse the slide.
+  logged = _LogCollector()
+  tifffile_logger = logging.getLogger("tifffile")
+  tifffile_logger.addHandler(logged)
   try:
     ts = tiffslide.TiffSlide(path)
+    ts.ts_tifffile.pages._load()  # walk every IFD now, so damage shows up here
     props = ts.properties
     level_dimensions = tuple(tuple(int(v) for v in d) for d in ts.level_dimensions)
     level_downsamples = tuple(float(v) for v in ts.level_downsamples)
@@ -220,6 +236,11 @@ def open_slide(path: str, *, magnification_override: float | None = None,
     raise SlideOpenError(
         path, f"not a readable TIFF slide ({type(e).__name__}: {e}); the file is truncated, "
         "corrupt or not a TIFF") from e
+  finally:
+    tifffile_logger.removeHandler(logged)
+  if logged.messages:
+    ts.close()
+    raise SlideOpenError(path, f"damaged TIFF structure (truncated or corrupt): {'; '.join(logged.messages[:3])}")
 
   def fail(exc_type, message):
     ts.close()

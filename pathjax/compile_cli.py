@@ -1,0 +1,103 @@
+"""`pathjax compile`: AOT-compile a config's train step for a TPU topology (pathjax.aot).
+
+  pathjax compile --config=configs/mrplip.py:vitl16,v5e_256 --topology v5e:16x16
+  pathjax compile --config=configs/mrplip.py:vitl16 --topology v4-128 --config.batch_size=2048
+  pathjax compile --config=configs/mrplip.py:vitl16,v5e_256 --topology v5e:16x16 --max-batch
+  pathjax compile --config=configs/mrplip.py:vitl16 --topology v5e:16x16 --num-slices 2 \
+      --config.mesh.shape='(2,1,-1,1)'
+
+Prints per-chip memory (arguments, outputs, aliased, temporaries, total vs HBM), FLOPs per
+step, the mesh and the largest arrays' shardings. Exits 1 when the step does not fit (or
+the compiler fails), 2 for a config or set-up error (libtpu missing, unknown topology).
+Needs libtpu (`pip install "libtpu==0.0.42.*"`, `make setup-tpu`); it installs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+# Compiling needs no accelerator: keep jax off any local TPU/GPU runtime.
+import os
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def register(parser) -> None:
+  parser.add_argument("--config", required=True, help="configs/<recipe>.py[:variant]")
+  parser.add_argument("--topology", required=True,
+                      help="TPU topology: v5e:16x16, v4:4x4x4, v5p:4x4x8, v6e:8x8, or v5e-256, v4-128")
+  parser.add_argument("--num-slices", type=int, default=1,
+                      help="multi-slice: slices over DCN (put a 'slice' axis > 1 in config.mesh.shape)")
+  parser.add_argument("--max-batch", action="store_true",
+                      help="binary-search the largest per-chip batch that fits (powers of two, then bisect)")
+  parser.add_argument("--start-batch", type=int, default=0,
+                      help="--max-batch: first per-chip batch tried (default: the config's)")
+  parser.add_argument("--limit-batch", type=int, default=1024,
+                      help="--max-batch: largest per-chip batch tried")
+  parser.add_argument("--mfu", type=float, default=0.5,
+                      help="model FLOPs utilisation for the step-time estimate (default 0.5)")
+  parser.add_argument("--json", default="", help="also write the result(s) to this JSON file")
+
+
+def _log(msg: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _as_json(result) -> dict:
+  row = result.table_row()
+  row.update(mesh=result.mesh, memory_bytes=result.memory, flops_per_chip=result.flops,
+             compile_seconds=round(result.compile_seconds, 1), largest=result.largest,
+             error=(result.error or "")[:2000], oom=result.oom)
+  return row
+
+
+def main(args) -> int:
+  from pathjax import aot, config_lib  # pylint: disable=import-outside-toplevel
+  config = config_lib.load_config(args.config, args.config_overrides)
+  try:
+    topology = aot.get_topology(args.topology, args.num_slices)
+  except aot.AOTError as e:
+    print(f"pathjax compile: {e}", file=sys.stderr)
+    return 2
+  _log(topology.describe())
+  try:
+    if args.max_batch:
+      start = args.start_batch or max(int(config.batch_size) // topology.num_chips, 1)
+      best, tried = aot.max_batch(config, topology, start=start, limit=args.limit_batch, log=_log)
+      print(aot.format_table(tried, args.mfu))
+      if args.json:
+        with open(args.json, "w") as f:
+          json.dump([_as_json(r) for r in tried], f, indent=2)
+      if best is None:
+        print(f"pathjax compile: even a per-chip batch of {start} does not fit on {topology.name}",
+              file=sys.stderr)
+        return 1
+      print()
+      print(aot.format_result(best, mfu=args.mfu))
+      print(f"\nlargest per-chip batch that fits: {best.per_chip_batch:g} "
+            f"(global batch {best.global_batch} on {topology.num_chips} chips)")
+      return 0
+    result = aot.compile_train_step(config, topology, log=_log)
+  except aot.AOTError as e:
+    print(f"pathjax compile: {e}", file=sys.stderr)
+    return 1
+  except (config_lib.ConfigError, ValueError) as e:
+    print(f"pathjax compile: cannot set up the step: {e}", file=sys.stderr)
+    return 2
+  print(aot.format_result(result, mfu=args.mfu))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(_as_json(result), f, indent=2)
+  if result.error:
+    what = "does not fit (the compiler ran out of memory)" if result.oom else "failed to compile"
+    print(f"pathjax compile: {args.config} {what} on {topology.name} at global batch "
+          f"{result.global_batch}; lower --config.batch_size, raise accumulate_steps, use "
+          f"model.remat=full or shard more (config.mesh / config.axis_rules)", file=sys.stderr)
+    return 1
+  if not result.fits:
+    print(f"pathjax compile: {args.config} does not fit on {topology.name}: "
+          f"{result.total_bytes / aot.GiB:.2f} GiB per chip > {aot.HBM_GIB[topology.generation]} GiB HBM",
+          file=sys.stderr)
+    return 1
+  return 0

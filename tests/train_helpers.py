@@ -1,0 +1,37 @@
+"""Shared helpers for the trainer tests (toy recipe)."""
+
+import os
+
+from pathjax import config_lib
+from pathjax.metrics_log import TIMING_KEYS, read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY = os.path.join(ROOT, "configs", "toy.py")
+
+
+def toy_config(variant="", **overrides):
+  items = [f"{k}={v}" for k, v in overrides.items()]
+  return config_lib.load_config(TOY + (f":{variant}" if variant else ""), items)
+
+
+def comparable(workdir):
+  """metrics.jsonl records without timing fields, keyed by step."""
+  return {r["step"]: {k: v for k, v in r.items() if k not in TIMING_KEYS}
+          for r in read_metrics(str(workdir))}
+
+
+def use_compilation_cache():
+  """Persistent XLA cache for the trainer tests (compiles take seconds each on a small CPU).
+
+  Also exported to the environment so `pathjax train` subprocesses share it.
+  """
+  import jax
+  cache = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".cache", "jax_tests"))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+use_compilation_cache()
