@@ -29,7 +29,8 @@ ABLATIONS = ("no_cvta", "no_mrtva", "no_bl", "single_mag")
 def _model(size: str) -> ml_collections.ConfigDict:
   if size == "smoke":
     vision = dict(variant="Ti/16", overrides=dict(width=128, depth=2, num_heads=4, mlp_dim=256))
-    text = dict(variant="tiny", overrides=dict(vocab_size=1024, width=128, depth=2, num_heads=4,
+    # vocab_size 0: as many tokens as the tokenizer has (the demo trains its own).
+    text = dict(variant="tiny", overrides=dict(vocab_size=0, width=128, depth=2, num_heads=4,
                                                mlp_dim=256))
     fusion = dict(width=128, depth=2, num_heads=4, mlp_dim=256)
     embed_dim, projector, predictor = 128, (256, 256, 256), (64, 256)

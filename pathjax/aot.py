@@ -87,12 +87,13 @@ class Topology:
 
 def parse_topology(spec: str) -> tuple[str, str]:
   """"v5e:16x16" or "v5e-256" -> (generation, libtpu topology name)."""
-  name = ALIASES.get(spec.strip().lower(), spec.strip())
-  match = re.fullmatch(r"(v4|v5e|v5litepod|v5p|v6e)[:\-](\d+(?:x\d+){1,2})", name)
+  name = spec.strip().lower().replace("v5litepod", "v5e")
+  name = ALIASES.get(name, name)
+  match = re.fullmatch(r"(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})", name)
   if not match:
     raise AOTError(f"unknown topology {spec!r}: use GENERATION:AxB[xC] (v5e:16x16, v4:4x4x4, "
                    f"v5p:4x4x8, v6e:8x8) or a Cloud name ({', '.join(sorted(ALIASES)[:6])}, ...)")
-  gen = "v5e" if match.group(1) == "v5litepod" else match.group(1)
+  gen = match.group(1)
   dims = match.group(2)
   expected = 3 if gen in ("v4", "v5p") else 2
   if dims.count("x") + 1 != expected:
@@ -322,7 +323,11 @@ def compile_train_step(config, topology: Topology, *, recipe=None, count_flops: 
   largest = sorted(largest, key=_per_chip_key, reverse=True)[:8]
   start = time.time()
   log(f"lowering the train step (global batch {global_batch}, mesh {dict(mesh.shape)})")
-  lowered = step.lower(state, batch)
+  # flax 0.12 applies logical activation constraints only under an abstract mesh
+  # (jax.set_mesh); a bare `with mesh:` leaves them silent no-ops and XLA then replicates
+  # activations. Tracing happens here, so the mesh is set around the lowering.
+  with jax.set_mesh(mesh):
+    lowered = step.lower(state, batch)
   log(f"lowered in {time.time() - start:.0f} s; compiling for {topology.name}")
   error, memory, flops = None, {}, None
   try:
@@ -334,15 +339,17 @@ def compile_train_step(config, topology: Topology, *, recipe=None, count_flops: 
   seconds = time.time() - start
   model_flops = step_flops = None
   if count_flops:
-    step_flops = jaxpr_flops(step, state, batch)
+    with jax.set_mesh(mesh):
+      step_flops = jaxpr_flops(step, state, batch)
     model_flops = step_flops
     if "model" in config and config.model.get("remat", "none") != "none":
       plain = config.copy_and_resolve_references()
       with plain.unlocked():
         plain.model.remat = "none"
       from pathjax.recipes.base import make_recipe as _make  # pylint: disable=import-outside-toplevel
-      model_flops = jaxpr_flops(train.build_train_step(plain, _make(plain), mesh, state_shardings),
-                                state, batch)
+      with jax.set_mesh(mesh):
+        model_flops = jaxpr_flops(train.build_train_step(plain, _make(plain), mesh, state_shardings),
+                                  state, batch)
   return CompileResult(topology=topology, global_batch=global_batch,
                        per_chip_batch=global_batch / topology.num_chips,
                        mesh=dict(mesh.shape), memory=memory, flops=flops,

@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pathjax import config_lib, sharding
 from pathjax.checkpoint import Checkpointer
-from pathjax.metrics_log import MetricsLogger
+from pathjax.metrics_log import MetricsLogger, read_metrics
 from pathjax.optim import make_optimizer, stop_frozen_gradients, trainable_global_norm
 from pathjax.recipes.base import make_recipe
 
@@ -287,14 +287,19 @@ class _Preemption:
 
 
 def _export(config, recipe, params, workdir: str) -> str | None:
-  try:
-    from pathjax.models import model_dir
-  except ImportError:
-    warnings.warn("config.export_model is set but pathjax.models.model_dir is not available")
+  """WORKDIR/model via pathjax.models.model_dir.save_model_dir.
+
+  `recipe.export(params)` returns either the towers mapping or the keyword arguments of
+  save_model_dir (a dict with a "towers" key, plus preprocess/tokenizer_dir/...).
+  """
+  from pathjax.models import model_dir
+  exported = recipe.export(jax.device_get(params))
+  if not exported:
+    warnings.warn(f"config.export_model is set but recipe {config.recipe!r} exports no towers")
     return None
-  path = os.path.join(workdir, "model")
-  model_dir.save_model_dir(path, recipe.export(jax.device_get(params)), config)
-  return path
+  kwargs = dict(exported) if "towers" in exported else {"towers": exported}
+  kwargs.setdefault("source", f"pathjax train ({config.recipe})")
+  return model_dir.save_model_dir(os.path.join(workdir, "model"), **kwargs)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -340,7 +345,8 @@ def train(config, workdir: str, *, recipe=None, devices: Sequence[jax.Device] | 
           f"{total} steps; workdir {workdir}", flush=True)
   train_step = build_train_step(config, recipe, mesh, shardings, tx, schedule)
   preemption = _Preemption(checkpointer)
-  record: dict = {}
+  # A finished run rerun returns its last logged metrics (process 0; others return {}).
+  record: dict = (read_metrics(workdir) or [{}])[-1] if is_main and start >= total else {}
   logger.start(start)
   try:
     with mesh, nn.logical_axis_rules(sharding.rules_for_mesh(rules, mesh)):
@@ -355,8 +361,8 @@ def train(config, workdir: str, *, recipe=None, devices: Sequence[jax.Device] | 
         if is_log or is_ckpt or due or preempted:
           host = {k: float(v) for k, v in jax.device_get(metrics).items()}
           check_finite(host, done, checkpointer.latest_step())
-          for evaluator in due:
-            host.update({f"{evaluator.name}/{k}": float(v)
+          for evaluator in due:  # keys without a "/" get the evaluator's name as prefix
+            host.update({(k if "/" in k else f"{evaluator.name}/{k}"): float(v)
                          for k, v in evaluator.fn(state.params, done).items()})
           if is_log or due:
             record = logger.log(done, host)

@@ -5,7 +5,8 @@ loaded and every override checked before jax starts anything, so a typo fails at
 
 Multi-process: pass `--coordinator_address host:port --num_processes N --process_id i`
 (CPU processes then use gloo collectives), or `--distributed` to let
-`jax.distributed.initialize()` detect a TPU pod or SLURM cluster.
+`jax.distributed.initialize()` detect a TPU pod or SLURM cluster; the launchers in launch/
+set the same through the environment (pathjax.distributed).
 """
 
 from __future__ import annotations
@@ -24,14 +25,9 @@ def register(parser):
 
 
 def init_distributed(args) -> None:
-  import jax
-  if args.coordinator_address:
-    if jax.config.jax_platforms in (None, "", "cpu") or jax.config.jax_platforms.startswith("cpu"):
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                               num_processes=args.num_processes, process_id=args.process_id)
-  elif args.distributed:
-    jax.distributed.initialize()
+  from pathjax import distributed
+  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                         auto=args.distributed)
 
 
 def main(args) -> int:

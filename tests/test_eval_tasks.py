@@ -4,20 +4,14 @@ directory, every task through `pathjax eval`, periodic evaluators, and bad input
 import csv
 import json
 import os
-import types
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from pathjax.evaluate import data as data_lib
-from pathjax.evaluate import features as features_lib
 from pathjax.evaluate import prompts as prompts_lib
-from pathjax.evaluate import registry
-from pathjax.evaluate.cli import main as eval_main_args
 
 SIZE = 32          # model input size
 PATCH = 64         # grid patch size of the synthetic slides
@@ -199,10 +193,10 @@ def test_every_task_end_to_end(model_dir, patch_sets, synth_dir, tmp_path, capsy
       ("zeroshot", folder, ["--prompts", "synth"], ["confusion_matrix.png"]),
       ("cross_mag", f"slides:{synth_dir}?patch_size={PATCH}", ["--prompts", "synth"],
        ["cross_mag.png", "confusion_matrix_5x.png"]),
-      ("cross_mag", patch_sets["csv"], ["--prompts", "synth", "--magnifications", "10,20,40"], ["cross_mag.png"]),
+      ("cross_mag", patch_sets["csv"], ["--prompts", "synth", "--magnifications", "10,40"], ["cross_mag.png"]),
       ("linear_probe", folder, [], ["confusion_matrix.png"]),
       ("knn", patch_sets["csv"], ["--k", "5"], ["confusion_matrix.png"]),
-      ("kshot", folder, ["--shots", "1,2,4", "--seeds", "3"], ["kshot.png"]),
+      ("kshot", folder, ["--shots", "1,4", "--seeds", "2"], ["kshot.png"]),
       ("retrieval", patch_sets["csv"], [], []),
   ]
   for i, (task, spec, extra, pngs) in enumerate(runs):
@@ -317,55 +311,3 @@ def test_cross_mag_without_mpp_is_explained(model_dir, patch_sets, tmp_path, cap
                    f"imagefolder:{patch_sets['folder']}", "--prompts", "synth", "--out", str(tmp_path / "o")])
   err = capsys.readouterr().err
   assert code == 2 and "?mpp=" in err
-
-
-# ---------------------------------------------------------------------------------------
-# Prompt ensembling and periodic evaluators
-
-
-def test_classifier_is_conch_ensemble():
-  p = prompts_lib.parse_prompts({"classnames": {"a": ["x", "y"], "b": ["z"]}, "templates": ["{}.", "CLASSNAME!"]})
-  assert p.texts("a") == ["x.", "x!", "y.", "y!"]
-  table = {"x.": [1, 0, 0], "x!": [2, 0, 0], "y.": [0, 1, 0], "y!": [0, 3, 0], "z.": [0, 0, 1], "z!": [0, 0, 5]}
-  w = prompts_lib.build_classifier(p, lambda texts: np.asarray([table[t] for t in texts], np.float32))
-  np.testing.assert_allclose(w[0], np.array([1, 1, 0]) / np.sqrt(2), rtol=1e-6)
-  np.testing.assert_allclose(w[1], [0, 0, 1], rtol=1e-6)
-
-
-def test_registry_evaluators_with_a_recipe(model_dir, tokenizer_dir, patch_sets, synth_dir):
-  from pathjax.models.model_dir import load_model_dir
-  from pathjax.input import transforms
-  model = load_model_dir(model_dir)
-  vision, text = model.towers["vision"], model.towers["text"]
-
-  class FakeRecipe:
-    config = ml_collections.ConfigDict({"recipe": "fake", "input": {
-        "image_size": SIZE, "context_length": 16, "tokenizer": tokenizer_dir}})
-
-    def encoders(self, params):
-      def image(x):
-        f = vision.module.apply({"params": params["v"]}, transforms.normalize_on_device(x))["pooled"]
-        return f @ params["proj"]
-
-      def txt(ids):
-        return text.module.apply({"params": params["t"]}, ids)["pooled"]
-      return {"image": image, "text": txt}
-
-  params = {"v": vision.params, "t": text.params, "proj": vision.projection}
-  recipe = FakeRecipe()
-  zs = registry.make_evaluator(registry.eval_config(
-      kind="zeroshot", name="zs_synth", data=f"imagefolder:{patch_sets['folder']}", prompts="synth",
-      max_examples=40, every=10), recipe)
-  out = zs(params, 10)
-  assert zs.every == 10
-  assert {"zs_synth/accuracy", "zs_synth/weighted_f1", "zs_synth/balanced_accuracy"} <= set(out)
-  assert all(isinstance(v, float) for v in out.values())
-  assert zs(params, 20) == out  # same params, same numbers; the dataset is loaded once
-  xm = registry.make_evaluator({"kind": "cross_mag", "data": f"slides:{synth_dir}?patch_size={PATCH}",
-                                "prompts": "synth", "magnifications": (10, 20), "max_examples": 24}, recipe)
-  xo = xm(params, 1)
-  assert "cross_mag/10x/weighted_f1" in xo and "cross_mag/mean/accuracy" in xo
-  knn = registry.make_evaluator({"kind": "knn", "data": patch_sets["csv"], "k": 5}, recipe)
-  assert "knn/accuracy" in knn(params, 1)
-  with pytest.raises(ValueError, match="unknown kind"):
-    registry.make_evaluator({"kind": "nope", "data": "x"}, recipe)

@@ -120,12 +120,29 @@ def test_host_shards_are_disjoint_and_complete(data, process_count, shuffle):
     assert not np.array_equal(np.concatenate(epochs[0]), np.concatenate(epochs[1]))
 
 
-def test_uneven_records_drop_a_remainder_but_stay_in_lockstep(data):
-  cfg = config(data, global_batch_size=5)
-  plans = [pipeline.ShardPlan(NUM_BAGS, p, 5, seed=0) for p in range(5)]
-  assert {pl.per_epoch for pl in plans} == {2}
-  seen = [pl.locate(i)[1] for pl in plans for i in range(2)]
-  assert len(set(seen)) == 10
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_global_batches_do_not_depend_on_process_count(data, process_count):
+  """Host p reads the p-th block of each global batch: assembled, they equal one host's."""
+  cfg = config(data, global_batch_size=4)
+  single = take(pipeline.make_train_iterator(cfg, process_index=0, process_count=1), 5)
+  hosts = [take(pipeline.make_train_iterator(cfg, process_index=p, process_count=process_count), 5)
+           for p in range(process_count)]
+  for step, expected in enumerate(single):
+    assembled = {k: np.concatenate([h[step][k] for h in hosts]) for k in expected
+                 if isinstance(expected[k], np.ndarray)}
+    assert_batches_equal([assembled], [{k: expected[k] for k in assembled}])
+
+
+def test_uneven_records_every_record_once_per_epoch():
+  """Batches run across epoch boundaries; each epoch's records are all read exactly once."""
+  n, procs, block = 10, 3, 2
+  plans = [pipeline.ShardPlan(n, p, procs, seed=0, block=block) for p in range(procs)]
+  stream = []
+  for step in range(5):  # 5 global batches of 6 = 3 epochs of 10
+    for pl in plans:
+      stream += [pl.locate(step * block + o) for o in range(block)]
+  for epoch in range(3):
+    assert sorted(r for e, r, _ in stream if e == epoch) == list(range(n))
 
 
 def test_chain_geometry(data):

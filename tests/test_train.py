@@ -80,7 +80,7 @@ def test_fake_evaluator_is_called_and_logged(tmp_path):
   def evaluate(params, step):
     calls.append(step)
     assert set(params) == {"encoder", "norm", "proj", "head"}
-    return {"accuracy": step / 100}
+    return {"accuracy": step / 100, "fake/loss": 1.0}
 
   config = toy_config(total_steps=6, log_every=4, checkpoint_every=100)
   train(config, tmp_path, evaluators=[Evaluator("fake", every=3, fn=evaluate)])
@@ -88,6 +88,7 @@ def test_fake_evaluator_is_called_and_logged(tmp_path):
   by_step = {r["step"]: r for r in read_metrics(tmp_path)}
   assert sorted(by_step) == [3, 4, 6]
   assert by_step[3]["fake/accuracy"] == 0.03 and "loss" in by_step[3]
+  assert by_step[3]["fake/loss"] == 1.0  # keys that carry a "/" are kept as they are
   assert "fake/accuracy" not in by_step[4]
 
 

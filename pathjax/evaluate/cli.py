@@ -13,7 +13,6 @@ Data specs are described in pathjax.evaluate.data (`pathjax eval --help-data`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -102,5 +101,5 @@ def main(args) -> int:
   written = result.write(out)
   print(f"{args.task} on {dataset.name} ({args.data}) with {embedder.name}")
   print(result.summary)
-  print("wrote " + ", ".join(sorted(os.path.relpath(p) for p in written.values())))
+  print(f"wrote {os.path.abspath(out)}: " + ", ".join(sorted(os.path.basename(p) for p in written.values())))
   return 0

@@ -189,3 +189,33 @@ def extract_features(dataset: data_lib.Dataset, embedder: Embedder, *, batch_siz
   return Features(ids=[dataset.ids[i] for i in idx], labels=[dataset.labels[i] for i in idx],
                   captions=[dataset.captions[i] for i in idx], embeddings=np.concatenate(chunks),
                   indices=idx, skipped=skipped)
+
+
+def save_features(feats: Features, out: str) -> list[str]:
+  """Writes embeddings with their ids for downstream multiple-instance learning.
+
+  `out` ending in .parquet: one table (id, label, caption, embedding as a float32 list).
+  Otherwise `out` is a .npy path: the [N, E] array there, plus `<stem>.index.csv` (row, id,
+  label, caption) beside it. Returns the written paths.
+  """
+  import csv
+  import os
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  if out.endswith(".parquet"):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    emb = np.asarray(feats.embeddings, np.float32)
+    table = pa.table({
+        "id": feats.ids, "label": feats.labels, "caption": feats.captions,
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])})
+    pq.write_table(table, out)
+    return [out]
+  path = out if out.endswith(".npy") else out + ".npy"
+  np.save(path, np.asarray(feats.embeddings, np.float32))
+  index = path[:-4] + ".index.csv"
+  with open(index, "w", encoding="utf-8", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["row", "id", "label", "caption"])
+    for i, (id_, label, cap) in enumerate(zip(feats.ids, feats.labels, feats.captions)):
+      w.writerow([i, id_, label or "", cap or ""])
+  return [path, index]

@@ -73,7 +73,9 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
   """A plain text table; floats with 4 decimals."""
   def fmt(v):
     if isinstance(v, float):
-      return "nan" if not math.isfinite(v) else f"{v:.4f}"
+      if not math.isfinite(v):
+        return "nan"
+      return str(int(v)) if v.is_integer() and abs(v) >= 2 else f"{v:.4f}"
     return str(v)
   cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
   widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]

@@ -7,7 +7,6 @@ label are left out; a label the prompt file does not know is an error listing bo
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 

@@ -5,16 +5,18 @@ Training (`make_train_iterator`)
 A Grain `MapDataset` over a virtual index stream, so every example is a pure function of
 (seed, epoch, position) and the iterator state is one integer:
 
-    host-local index i -> epoch, j = divmod(i, n_host)
-                       -> global position g = j * process_count + process_index
-                       -> record = permutation_epoch[g]   (numpy, cached per epoch)
+    host-local index i -> step s, offset o = divmod(i, b)        (b = B / P, the host batch)
+                       -> global stream position g = s * B + p * b + o
+                       -> epoch, j = divmod(g, N)
+                       -> record = permutation_epoch[j]   (numpy, cached per epoch)
                        -> read, decode JPEG, sample patches and keywords, augment (rng seeded
                           by (seed, epoch, record)), batch, tokenize
 
-* Sharding: host p of P takes positions p, p+P, p+2P, ... of each epoch's global order,
-  n_host = N // P of them (the N % P leftovers of an epoch are dropped, different ones
-  each epoch when shuffled), so hosts read disjoint examples, all hosts step in lock-step,
-  and together they cover the epoch.
+* One global stream: the epochs' permutations, concatenated. Global batch s is positions
+  [s * B, (s + 1) * B) of it, and host p of P reads the p-th contiguous block of b. So the
+  assembled global batch is the same, row for row, for any number of processes (a run on 2
+  hosts sees exactly the batches of a run on 1), hosts read disjoint examples, all step in
+  lock-step, and every record appears once per epoch. Batches run across epoch boundaries.
 * Shuffling: a fresh permutation of all N records per epoch, global across hosts (the
   shuffle happens before the split), seeded by (seed, epoch).
 * Epochs: `num_epochs=None` repeats forever; batches run across epoch boundaries.
@@ -119,6 +121,7 @@ class ShardPlan:
   shuffle: bool = True
   seed: int = 0
   pad: bool = False  # eval: ceil(N / P) per host, positions past N are padding (invalid)
+  block: int = 1     # training: the host batch b (global batch = process_count * block)
 
   def __post_init__(self):
     if not 0 <= self.process_index < self.process_count:
@@ -148,6 +151,13 @@ class ShardPlan:
     return perm
 
   def locate(self, index: int) -> tuple[int, int, bool]:
+    if not self.pad:
+      step, offset = divmod(int(index), self.block)
+      g = (step * self.process_count + self.process_index) * self.block + offset
+      epoch, g = divmod(g, self.num_records)
+      if self.shuffle and self.num_records > 1:
+        g = int(self.permutation(epoch)[g])
+      return epoch, g, True
     epoch, j = divmod(int(index), self.per_epoch)
     g = j * self.process_count + self.process_index
     valid = g < self.num_records
@@ -331,14 +341,16 @@ def make_train_dataset(config, *, tokenizer=None, process_index=None, process_co
   process_index, process_count = resolve_process(process_index, process_count)
   seed = int(config.get("seed", 0) if seed is None else seed)
   source, _ = records_lib.open_records(config.records_dir)
-  plan = ShardPlan(len(source), process_index, process_count,
-                   shuffle=bool(config.get("shuffle", True)), seed=seed)
   batch = _per_host_batch(int(config.global_batch_size), process_count)
+  plan = ShardPlan(len(source), process_index, process_count,
+                   shuffle=bool(config.get("shuffle", True)), seed=seed, block=batch)
   num_epochs = config.get("num_epochs")
-  length = sys.maxsize if num_epochs is None else plan.per_epoch * int(num_epochs)
+  # Whole global batches only: the last partial one of the final epoch is dropped.
+  length = (sys.maxsize if num_epochs is None else
+            len(source) * int(num_epochs) // int(config.global_batch_size) * batch)
   if length < batch:
-    raise ValueError(f"{plan.per_epoch} examples per host per epoch x {num_epochs} epochs "
-                     f"cannot fill one batch of {batch}")
+    raise ValueError(f"{len(source)} records x {num_epochs} epochs cannot fill one global "
+                     f"batch of {config.global_batch_size}")
   examples = BagExamples(source, plan, _spec(config, seed), train=True)
   text = _as_text_tokenizer(tokenizer, config)
   ds = grain.MapDataset.range(length).map(examples)
@@ -503,8 +515,8 @@ def batches_per_epoch(config, process_count: int | None = None) -> int:
     import jax
     process_count = jax.process_count()
   source, _ = records_lib.open_records(config.records_dir)
-  per_host = len(source) // process_count
-  return per_host // _per_host_batch(int(config.global_batch_size), process_count)
+  _per_host_batch(int(config.global_batch_size), process_count)  # checks divisibility
+  return len(source) // int(config.global_batch_size)
 
 
 def example_batch(config, global_batch_size: int) -> dict[str, np.ndarray]:

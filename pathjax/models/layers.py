@@ -40,6 +40,26 @@ def constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
   return nn.with_logical_constraint(x, axes)
 
 
+class _KernelPartitioned(nn.LogicallyPartitioned):
+  """LogicallyPartitioned that skips the constraint on DenseGeneral's flat init kernel.
+
+  nn.DenseGeneral initialises a multi-axis kernel flat ([prod(in), prod(out)]) and unboxes
+  it before reshaping; under a mesh (jax.set_mesh) flax then constrains the rank-2 value
+  with the rank-3 names and raises. The flat value needs no constraint.
+  """
+
+  def unbox(self, apply_constraint=True):
+    if apply_constraint and jnp.ndim(self.value) != len(self.names):
+      return self.value
+    return super().unbox(apply_constraint)
+
+
+def _partitioned(init, names: tuple[str | None, ...]):
+  def wrapped(*args, **kwargs):
+    return _KernelPartitioned(init(*args, **kwargs), names, mesh=None)
+  return wrapped
+
+
 def dense(features: int | tuple[int, ...], axes: tuple[str | None, ...], *, name: str,
           dtype: Dtype, param_dtype: Dtype, use_bias: bool = True, in_axes: int | tuple[int, ...] = -1,
           kernel_init=default_kernel_init) -> nn.DenseGeneral:
@@ -47,8 +67,8 @@ def dense(features: int | tuple[int, ...], axes: tuple[str | None, ...], *, name
   out_rank = len(features) if isinstance(features, tuple) else 1
   return nn.DenseGeneral(
       features, axis=in_axes, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-out_rank:]),
+      kernel_init=_partitioned(kernel_init, axes),
+      bias_init=_partitioned(nn.initializers.zeros, axes[-out_rank:]),
       name=name)
 
 

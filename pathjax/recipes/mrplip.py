@@ -126,6 +126,7 @@ class MRPLIPRecipe:
     vision = {**_variant(ViT, m.vision.variant), **m.vision.overrides.to_dict()}
     text = {**_variant(TextTransformer, m.text.variant), **m.text.overrides.to_dict(),
             "context_length": config.input.context_length}
+    text.update(self._tokenizer_fields(config, text.get("vocab_size", 0)))
     vision.update(scan=m.scan, remat=m.remat, image_size=config.input.image_size)
     text.update(scan=m.scan, remat=m.remat)
     fusion = {**m.fusion.to_dict(), "scan": m.scan, "remat": m.remat}
@@ -135,6 +136,22 @@ class MRPLIPRecipe:
         projector_dims=tuple(m.projector_dims), predictor_dims=tuple(m.predictor_dims),
         temperature_init=loss_cfg.temperature_init, dtype=self.compute_dtype,
         param_dtype=_dtype(config.precision.param_dtype))
+
+  def _tokenizer_fields(self, config, vocab_size: int) -> dict[str, int]:
+    """Vocabulary size (0 = the tokenizer's), end-of-text id and pad id from the tokenizer."""
+    self.pad_id = 0
+    if not config.input.tokenizer:
+      if not vocab_size:
+        raise ValueError("model.text.overrides.vocab_size is 0 (take it from the tokenizer) but "
+                         "input.tokenizer is empty: set one of them")
+      return {}
+    from pathjax.input.tokenize import TextTokenizer
+    tok = TextTokenizer(config.input.tokenizer, config.input.context_length)
+    if vocab_size and tok.vocab_size > vocab_size:
+      raise ValueError(f"the tokenizer in {config.input.tokenizer} has {tok.vocab_size} tokens, "
+                       f"more than model.text.overrides.vocab_size={vocab_size}")
+    self.pad_id = tok.pad_id
+    return {"vocab_size": vocab_size or tok.vocab_size, "eos_id": tok.eos_id}
 
   # -- trainer interface ----------------------------------------------------------------
 
@@ -230,8 +247,7 @@ class MRPLIPRecipe:
     """Image-caption matching through the fusion encoder with in-batch hard negatives."""
     sim = scale * v @ t.T
     neg_t, neg_i = losses.itm_hard_negative_indices(sim, sim.T, rng, valid=valid)
-    pad_id = self.config.input.get("pad_id", 0)
-    tok_mask = cap_ids != pad_id
+    tok_mask = cap_ids != self.pad_id
     visual = jnp.concatenate([pooled, pooled, pooled[neg_i]], axis=0)
     context = jnp.concatenate([cap_tokens, cap_tokens[neg_t], cap_tokens], axis=0)
     mask = jnp.concatenate([tok_mask, tok_mask[neg_t], tok_mask], axis=0)
