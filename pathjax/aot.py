@@ -413,13 +413,41 @@ def max_batch(config, topology: Topology, *, start: int = 1, limit: int = 4096,
   if hi is None:
     hi = limit + 1
   while hi - lo > 1:
-    mid = (lo + hi) // 2
+    mid = _interpolate(lo, tried.get(lo), hi, tried.get(hi), topology.hbm_bytes)
     if attempt(mid).fits:
       lo = mid
     else:
       hi = mid
   results = [tried[k] for k in sorted(tried)]
   return (tried.get(lo) if lo else None), results
+
+
+_SIZE = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\)")
+
+
+def _needed_bytes(result: CompileResult | None) -> float | None:
+  """Per-chip bytes a compile needed: its total, or for an OOM the temporaries it reports."""
+  if result is None:
+    return None
+  if result.memory:
+    return float(result.total_bytes)
+  match = _SIZE.search(result.error or "")
+  if match:
+    return float(match.group(1)) * 1024 ** " KMGT".index(match.group(2))
+  return None
+
+
+def _interpolate(lo: int, lo_result, hi: int, hi_result, hbm: int) -> int:
+  """Next per-chip batch in (lo, hi): where memory, linear in the batch, reaches HBM.
+
+  Falls back to the midpoint when a memory figure is missing (a bisection step).
+  """
+  mid = (lo + hi) // 2
+  m_lo, m_hi = _needed_bytes(lo_result), _needed_bytes(hi_result)
+  if lo == 0 or m_lo is None or m_hi is None or m_hi <= m_lo:
+    return mid
+  guess = int(lo + (hi - lo) * (hbm - m_lo) / (m_hi - m_lo))
+  return min(max(guess, lo + 1), hi - 1)
 
 
 # ----------------------------------------------------------------------------- contrastive loss

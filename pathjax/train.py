@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import flax
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -293,7 +294,7 @@ def _export(config, recipe, params, workdir: str) -> str | None:
   save_model_dir (a dict with a "towers" key, plus preprocess/tokenizer_dir/...).
   """
   from pathjax.models import model_dir
-  exported = recipe.export(jax.device_get(params))
+  exported = recipe.export(params)
   if not exported:
     warnings.warn(f"config.export_model is set but recipe {config.recipe!r} exports no towers")
     return None
@@ -333,6 +334,8 @@ def train(config, workdir: str, *, recipe=None, devices: Sequence[jax.Device] | 
   restored = checkpointer.restore_latest(abstract, iterator)
   if restored is None:
     state, shardings = create_train_state(config, recipe, mesh, tx)
+    if hasattr(recipe, "load_pretrained"):  # published weights replace parts of the init
+      state = state.replace(params=recipe.load_pretrained(state.params, shardings.params))
     start = 0
   else:
     state, start = restored
@@ -378,5 +381,9 @@ def train(config, workdir: str, *, recipe=None, devices: Sequence[jax.Device] | 
     checkpointer.close()
     logger.close()
   if bool(config.get("export_model", False)) and not record.get("preempted_at"):
-    _export(config, recipe, state.params, workdir)
+    # Every process takes part in gathering parameters sharded across hosts; one writes.
+    params = (multihost_utils.process_allgather(state.params) if jax.process_count() > 1
+              else jax.device_get(state.params))
+    if is_main:
+      _export(config, recipe, params, workdir)
   return record

@@ -127,3 +127,17 @@ def test_variant_fields():
                                         patch_size=16)
   with pytest.raises(ValueError, match="valid variants: .*B/16"):
     variant_fields("Z/16")
+
+
+@pytest.mark.slow
+def test_bench_encoders_runs(capsys):
+  import argparse
+
+  from pathjax.bench import encoders
+  parser = argparse.ArgumentParser()
+  encoders.register(parser)
+  args = parser.parse_args(["--variant", "Ti/16", "--image-size", "32", "--batch-size", "2",
+                            "--iters", "1", "--matmul-size", "256", "--no-timm"])
+  assert encoders.main(args) == 0
+  out = capsys.readouterr().out
+  assert "jax matmul" in out and "pathjax    fwd_bwd" in out and "GFLOP/s" in out

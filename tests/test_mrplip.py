@@ -132,3 +132,22 @@ def test_encoders_embed_normalised(setup):
   np.testing.assert_allclose(np.linalg.norm(img, axis=-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(txt, axis=-1), 1.0, rtol=1e-5)
   assert img.shape == txt.shape == (8, 16)
+
+
+def test_load_pretrained_replaces_towers(setup, tmp_path):
+  """A model directory's towers (e.g. converted UNI + QuiltNet) replace the random init."""
+  from pathjax.models import model_dir
+  recipe, batch, params = setup
+  other = nn.unbox(recipe.init(jax.random.key(7), batch))
+  exported = recipe.export(jax.device_get(other))
+  model_dir.save_model_dir(str(tmp_path / "init"), **exported)
+  recipe2 = tiny_recipe(f"model.init_dir={tmp_path / 'init'}")
+  shardings = jax.tree.map(lambda x: x.sharding, params)
+  loaded = recipe2.load_pretrained(params, shardings)
+  for name in ("vision_tower", "text_tower", "vision_proj"):
+    jax.tree.map(np.testing.assert_array_equal, loaded[name], other[name])
+  jax.tree.map(np.testing.assert_array_equal, loaded["fusion_encoder"], params["fusion_encoder"])
+  bad = tiny_recipe(f"model.init_dir={tmp_path / 'init'}", "model.vision.overrides.mlp_dim=48")
+  bad_params = nn.unbox(bad.init(jax.random.key(0), batch))
+  with pytest.raises(ValueError, match="shape mismatch for .*fc1"):
+    bad.load_pretrained(bad_params, jax.tree.map(lambda x: x.sharding, bad_params))

@@ -37,6 +37,10 @@ class Recipe(Protocol):
   def export(self, params: Any) -> dict[str, Any]:
     """Towers to write into a model directory (see pathjax.models.model_dir)."""
 
+  # Optional: `load_pretrained(params, param_shardings) -> params` replaces parts of freshly
+  # initialised (unboxed, sharded) parameters with published weights; the trainer calls it
+  # when a run starts from scratch, never on resume.
+
 
 def make_recipe(config) -> Recipe:
   """Imports `pathjax.recipes.<config.recipe>` and returns its `make_recipe(config)`."""

@@ -165,6 +165,28 @@ class MRPLIPRecipe:
     ids = jnp.zeros((1, self.config.input.context_length), jnp.int32)
     return self.model.init(rng, images, ids)["params"]
 
+  def load_pretrained(self, params, shardings):
+    """Towers from `model.init_dir` (a `pathjax convert` model directory) replace the init."""
+    m = self.config.model
+    if not m.init_dir:
+      return params
+    from pathjax.models import model_dir
+    loaded = model_dir.load_model_dir(m.init_dir, towers=tuple(m.init_towers))
+    params = dict(params)
+    targets = {"vision": "vision_tower", "text": "text_tower"}
+    for tower in m.init_towers:
+      if tower not in targets:
+        raise ValueError(f"model.init_towers: unknown tower {tower!r}; valid: {', '.join(targets)}")
+      name = targets[tower]
+      params[name] = _replace_checked(params[name], loaded.towers[tower].params, shardings[name],
+                                      f"{m.init_dir} {tower} tower")
+      projection = loaded.towers[tower].projection
+      if tower == "vision" and projection is not None:
+        params["vision_proj"] = _replace_checked(
+            params["vision_proj"], {"kernel": projection}, shardings["vision_proj"],
+            f"{m.init_dir} vision projection")
+    return params
+
   def train_iterator(self, process_index: int, process_count: int):
     from pathjax.input import pipeline
     return pipeline.make_train_iterator(self.config.input, process_index=process_index,
@@ -309,6 +331,23 @@ class MRPLIPRecipe:
                            mean=list(transforms.IMAGENET_MEAN), std=list(transforms.IMAGENET_STD)),
         "tokenizer_dir": self.config.input.tokenizer,
     }
+
+
+def _replace_checked(current, new, shardings, what: str):
+  """`new` (numpy) placed with `shardings`, after checking it has `current`'s structure and shapes."""
+  flat_cur = dict(jax.tree_util.tree_leaves_with_path(current))
+  flat_new = dict(jax.tree_util.tree_leaves_with_path(new))
+  missing = sorted(jax.tree_util.keystr(k) for k in flat_cur.keys() - flat_new.keys())
+  extra = sorted(jax.tree_util.keystr(k) for k in flat_new.keys() - flat_cur.keys())
+  if missing or extra:
+    raise ValueError(f"{what}: parameters differ from the config's model (scan and sizes must "
+                     f"match); missing {missing[:10]}, unexpected {extra[:10]}")
+  for key, value in flat_cur.items():
+    if tuple(value.shape) != tuple(np.shape(flat_new[key])):
+      raise ValueError(f"{what}: shape mismatch for {jax.tree_util.keystr(key)}: file has "
+                       f"{tuple(np.shape(flat_new[key]))}, the model expects {tuple(value.shape)}")
+  return jax.tree.map(lambda x, cur, sh: jax.device_put(np.asarray(x, cur.dtype), sh),
+                      new, current, shardings)
 
 
 def _variant(cls, variant: str) -> dict[str, Any]:
