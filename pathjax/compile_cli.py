@@ -35,6 +35,10 @@ def register(parser) -> None:
                       help="--max-batch: first per-chip batch tried (default: the config's)")
   parser.add_argument("--limit-batch", type=int, default=1024,
                       help="--max-batch: largest per-chip batch tried")
+  parser.add_argument("--contrastive-loss", choices=("chunked", "plain"), default="",
+                      help="compile only the sigmoid image-text loss (value and gradients) over "
+                           "batch_size bags x images per bag pairs: 'chunked' is the ring "
+                           "(losses.chunked_sigmoid_contrastive), 'plain' the gathered [B, B] loss")
   parser.add_argument("--mfu", type=float, default=0.5,
                       help="model FLOPs utilisation for the step-time estimate (default 0.5)")
   parser.add_argument("--json", default="", help="also write the result(s) to this JSON file")
@@ -62,6 +66,8 @@ def main(args) -> int:
     return 2
   _log(topology.describe())
   try:
+    if args.contrastive_loss:
+      return _contrastive(args, config, topology)
     if args.max_batch:
       start = args.start_batch or max(int(config.batch_size) // topology.num_chips, 1)
       best, tried = aot.max_batch(config, topology, start=start, limit=args.limit_batch, log=_log)
@@ -75,8 +81,9 @@ def main(args) -> int:
         return 1
       print()
       print(aot.format_result(best, mfu=args.mfu))
+      capped = " (the search stopped at --limit-batch)" if all(r.fits for r in tried) else ""
       print(f"\nlargest per-chip batch that fits: {best.per_chip_batch:g} "
-            f"(global batch {best.global_batch} on {topology.num_chips} chips)")
+            f"(global batch {best.global_batch} on {topology.num_chips} chips){capped}")
       return 0
     result = aot.compile_train_step(config, topology, log=_log)
   except aot.AOTError as e:
@@ -101,3 +108,22 @@ def main(args) -> int:
           file=sys.stderr)
     return 1
   return 0
+
+
+def _contrastive(args, config, topology) -> int:
+  from pathjax import aot, sharding  # pylint: disable=import-outside-toplevel
+  from pathjax.recipes.base import make_recipe  # pylint: disable=import-outside-toplevel
+  images = make_recipe(config).example_batch(1).get("images")
+  per_bag = int(images.shape[1]) if images is not None and images.ndim == 5 else 1
+  pairs = int(config.batch_size) * per_bag
+  result = aot.compile_contrastive_loss(
+      topology, pairs, embed_dim=int(config.model.embed_dim),
+      chunked=args.contrastive_loss == "chunked", mesh_shape=tuple(config.mesh.shape),
+      rules=sharding.rules_from_config(config))
+  print(f"{args.contrastive_loss} sigmoid loss over {config.batch_size} bags x {per_bag} "
+        f"images = {pairs} image-text pairs")
+  print(aot.format_result(result, mfu=args.mfu))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(_as_json(result), f, indent=2)
+  return 0 if result.fits else 1

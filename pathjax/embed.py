@@ -40,7 +40,9 @@ def register(parser: argparse.ArgumentParser) -> None:
   src.add_argument("--text", nargs="+", metavar="TEXT", help="strings to embed")
   src.add_argument("--text-ids", metavar="NPY", help=".npy of int token ids [N, T]")
   src.add_argument("--data", metavar="SPEC",
-                   help="an evaluation dataset spec (added with the evaluation commands)")
+                   help="a whole dataset (an evaluation data spec: imagefolder:DIR, csv:FILE, "
+                   "records:DIR@MAG, tfds:NAME:SPLIT, ...; see `pathjax eval --help-data`); writes "
+                   "features with ids and labels for multiple-instance learning")
   parser.add_argument("--out", required=True, metavar="FILE.npy")
   parser.add_argument("--batch-size", type=int, default=64)
   parser.add_argument("--output", default="pooled", choices=["pooled", "tokens", "patch_tokens"],
@@ -181,14 +183,31 @@ def _save_npy(path: str, feats: np.ndarray) -> None:
   os.replace(tmp, path)
 
 
+def _embed_dataset(args, out: str) -> int:
+  """Features of every example of an evaluation data source, with ids, labels and an index."""
+  from pathjax.evaluate import data, features
+  dataset = data.load_dataset(args.data)
+  for warning in dataset.warnings:
+    print(f"warning: {warning}", file=sys.stderr)
+  embedder = features.Embedder.from_model_dir(args.model)
+  feats = features.extract_features(dataset, embedder, batch_size=args.batch_size,
+                                    workers=args.workers, progress=args.progress)
+  written = features.save_features(feats, out)
+  print(f"wrote {', '.join(written)} ({len(feats.ids)} examples)")
+  if feats.skipped:
+    print(f"skipped {len(feats.skipped)} unreadable example(s):", file=sys.stderr)
+    for ident, reason in feats.skipped[:20]:
+      print(f"  {ident}: {reason}", file=sys.stderr)
+  return 0
+
+
 def main(args) -> int:
   from pathjax.models.model_dir import ModelDirError, load_model_dir
   from pathjax.convert.safetensors_io import WeightsError
   out = args.out if args.out.endswith(".npy") else args.out + ".npy"
   try:
     if args.data:
-      raise ValueError("--data is not available in this version; embed --images, --text or "
-                       "--text-ids")
+      return _embed_dataset(args, args.out)
     want = ["vision"] if args.images else ["text"]
     model = load_model_dir(args.model, towers=want)
     if args.images:

@@ -40,6 +40,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pathjax import config_lib, sharding
+from pathjax.convert.safetensors_io import flatten
 from pathjax.checkpoint import Checkpointer
 from pathjax.metrics_log import MetricsLogger, read_metrics
 from pathjax.optim import make_optimizer, stop_frozen_gradients, trainable_global_norm
@@ -218,17 +219,6 @@ def make_evaluators(config, recipe) -> list[Evaluator]:
   return out
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
 def write_config(config, workdir: str) -> None:
   """Writes WORKDIR/config.json; warns naming the fields that differ from a previous run's."""
   path = os.path.join(workdir, "config.json")
@@ -236,7 +226,7 @@ def write_config(config, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    old, new = _flatten(previous), _flatten(current)
+    old, new = flatten(previous), flatten(current)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
       warnings.warn(

@@ -149,3 +149,25 @@ def test_max_batch_bisects(monkeypatch):
   assert best.per_chip_batch == 11
   assert calls == [1, 2, 4, 8, 16, 11, 12]
   assert [r.per_chip_batch for r in tried] == sorted(calls)
+
+
+@needs_libtpu
+def test_chunked_contrastive_memory_tracks_the_per_chip_batch():
+  """The ring loss's per-chip memory follows the per-chip batch, not the global one."""
+  topology = aot.get_topology("v5e:2x2")
+  small, big = (aot.compile_contrastive_loss(topology, n, embed_dim=128) for n in (512, 1024))
+  assert small.fits and big.fits
+  # img and txt shards: 2 x (pairs / 4 chips) x 128 x 4 bytes each (the scalars are constant).
+  assert big.memory["argument"] - small.memory["argument"] == 2 * (1024 - 512) // 4 * 128 * 4
+  assert big.total_bytes < 2.5 * small.total_bytes
+  assert big.model_flops == pytest.approx(4 * small.model_flops, rel=0.01)  # B^2 pairs scored
+
+
+@needs_libtpu
+def test_toy_compiles_for_two_slices():
+  """Multi-slice: the "slice" mesh axis goes over DCN (create_hybrid_device_mesh)."""
+  topology = aot.get_topology("v5e:2x2", num_slices=2)
+  assert topology.num_chips == 8 and {d.slice_index for d in topology.devices} == {0, 1}
+  config = _config("configs/toy.py", **{"mesh.shape": "(2,-1,1,1)"})
+  result = aot.compile_train_step(config, topology, count_flops=False)
+  assert result.fits and result.mesh == {"slice": 2, "data": 4, "fsdp": 1, "tensor": 1}

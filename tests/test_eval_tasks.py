@@ -311,3 +311,21 @@ def test_cross_mag_without_mpp_is_explained(model_dir, patch_sets, tmp_path, cap
                    f"imagefolder:{patch_sets['folder']}", "--prompts", "synth", "--out", str(tmp_path / "o")])
   err = capsys.readouterr().err
   assert code == 2 and "?mpp=" in err
+
+
+def test_embed_data_exports_a_whole_dataset(model_dir, patch_sets, tmp_path):
+  """`pathjax embed --data SPEC`: features of every example with ids and labels."""
+  from pathjax import cli
+  out = tmp_path / "feats.npy"
+  code = cli.main(["embed", "--model", model_dir, "--data", patch_sets["csv"], "--out", str(out),
+                   "--no-progress", "--workers", "1"])
+  assert code == 0
+  feats = np.load(out)
+  with open(tmp_path / "feats.index.csv") as f:
+    index = list(csv.DictReader(f))
+  assert feats.shape[0] == len(index) == patch_sets["n"]
+  assert sorted({row["label"] for row in index}) == patch_sets["labels"]
+  np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-4)
+  code = cli.main(["embed", "--model", model_dir, "--data", patch_sets["csv"],
+                   "--out", str(tmp_path / "feats.parquet"), "--no-progress", "--workers", "1"])
+  assert code == 0 and (tmp_path / "feats.parquet").exists()

@@ -23,6 +23,8 @@ import statistics
 import time
 from typing import Any, Callable
 
+from pathjax.bench import common
+
 
 def register(parser: argparse.ArgumentParser) -> None:
   parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -52,16 +54,6 @@ def _time(fn: Callable[[], Any], iters: int, warmup: int) -> float:
   return statistics.median(times)
 
 
-def _flops(compiled) -> float | None:
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001 - some backends do not implement it
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost["flops"]) if cost and "flops" in cost else None
-
-
 def analytic_vit_flops(model, batch: int, image_size: int) -> float:
   """Forward FLOPs of the ViT's matmuls (2 per multiply-add), all images."""
   p, d, m = model.patch_size, model.width, model.mlp_dim
@@ -72,14 +64,10 @@ def analytic_vit_flops(model, batch: int, image_size: int) -> float:
   return batch * (2 * n * p * p * 3 * d + model.depth * per_layer)
 
 
-def matmul_peak(n: int, iters: int) -> float:
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
-  sec = _time(lambda: f(a, b).block_until_ready(), iters, 1)
-  return 2 * n ** 3 / sec / 1e9
+def matmul_peak(n: int) -> float:
+  """GFLOP/s of an n^3 fp32 matmul (pathjax.bench.common)."""
+  from pathjax.bench import common
+  return common.matmul_peak_flops(n=n) / 1e9
 
 
 def bench_pathjax(variant: str, batch: int, image_size: int, iters: int, warmup: int,
@@ -104,8 +92,8 @@ def bench_pathjax(variant: str, batch: int, image_size: int, iters: int, warmup:
   t_fwd = _time(lambda: fwd_c(params, x).block_until_ready(), iters, warmup)
   t_bwd = _time(lambda: jax.block_until_ready(bwd_c(params, x)), iters, warmup)
   analytic = analytic_vit_flops(model, batch, image_size)
-  return {"fwd_s": t_fwd, "fwd_bwd_s": t_bwd, "fwd_flops_xla": _flops(fwd_c),
-          "fwd_bwd_flops_xla": _flops(bwd_c), "fwd_flops_analytic": analytic,
+  return {"fwd_s": t_fwd, "fwd_bwd_s": t_bwd, "fwd_flops_xla": common.compiled_flops(fwd_c),
+          "fwd_bwd_flops_xla": common.compiled_flops(bwd_c), "fwd_flops_analytic": analytic,
           "fwd_bwd_flops_analytic": 3 * analytic}
 
 
@@ -159,7 +147,7 @@ def run(args) -> dict[str, Any]:
                          "backend": jax.default_backend(), "devices": jax.device_count(),
                          "cpu_count": os.cpu_count(), "scan": args.scan,
                          "xla_flags": os.environ.get("XLA_FLAGS", "")}
-  res["matmul_gflops"] = matmul_peak(args.matmul_size, max(3, args.iters))
+  res["matmul_gflops"] = matmul_peak(args.matmul_size)
   res["pathjax"] = bench_pathjax(args.variant, args.batch_size, args.image_size, args.iters,
                                  args.warmup, args.scan)
   if args.timm and timm_available():

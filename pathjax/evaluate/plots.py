@@ -48,10 +48,16 @@ def metric_vs_magnification_png(magnifications: Sequence[float], series: Mapping
   fig, ax = plt.subplots(figsize=(6, 4))
   for name, values in series.items():
     ax.plot(magnifications, values, marker="o", label=name)
+  return _save_log2_metric_plot(plt, fig, ax, magnifications, [f"{m:g}x" for m in magnifications],
+                                "magnification", title, path)
+
+
+def _save_log2_metric_plot(plt, fig, ax, xs, labels, xlabel: str, title: str, path: str) -> str:
+  """Metric in [0, 1] against a log-2 x axis with one tick per x; saves and closes."""
   ax.set_xscale("log", base=2)
-  ax.set_xticks(list(magnifications), labels=[f"{m:g}x" for m in magnifications])
+  ax.set_xticks(list(xs), labels=labels)
   ax.minorticks_off()
-  ax.set_xlabel("magnification")
+  ax.set_xlabel(xlabel)
   ax.set_ylabel("metric")
   ax.set_ylim(0, 1.02)
   ax.grid(alpha=0.3)
@@ -71,17 +77,5 @@ def kshot_png(shots: Sequence[int], means: Mapping[str, Sequence[float]], stds: 
   fig, ax = plt.subplots(figsize=(6, 4))
   for name, m in means.items():
     ax.errorbar(shots, m, yerr=stds[name], marker="o", capsize=3, label=name)
-  ax.set_xscale("log", base=2)
-  ax.set_xticks(list(shots), labels=[str(s) for s in shots])
-  ax.minorticks_off()
-  ax.set_xlabel("examples per class")
-  ax.set_ylabel("metric")
-  ax.set_ylim(0, 1.02)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  if title:
-    ax.set_title(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save_log2_metric_plot(plt, fig, ax, shots, [str(s) for s in shots],
+                                "examples per class", title, path)
