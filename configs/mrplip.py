@@ -5,6 +5,8 @@ Variants (the argument after the colon; ablations combine with a comma):
   vitb16   ViT-B/16 + CLIP-base text: the size the CPU benchmark measures.
   vitl16   the paper's scale: UNI ViT-L/16 + QuiltNet-size text tower, 224 px, bf16.
   Ablations: no_cvta, no_mrtva, no_bl, single_mag (one magnification, 20x where present).
+  Sharding plans (after the size): v5e_256, v4_128 -- mesh, axis rules, remat and batch
+  chosen from AOT compiles; compiled memory and FLOPs in the block at the end of this file.
 
   pathjax train --config=configs/mrplip.py:smoke --workdir /tmp/mrplip \
       --config.input.records_dir=RECORDS --config.input.tokenizer=TOKENIZER_DIR
@@ -142,6 +144,14 @@ def get_config(arg=None):
 # |---------|---------------------|------------------------|--------------------------|-----------------------|-----------------------|
 # | v5e_256 | v5e:16x16, 256 chips | 4096 / 16             | 15.76 of 16 GiB (98%)    | 32.19                 | 327 ms, 49 bags/s/chip |
 # | v4_128  | v4:4x4x4, 64 chips  | 2048 / 32              | 27.68 of 32 GiB (87%)    | 64.37                 | 468 ms, 68 bags/s/chip |
+# | (max)   | v5e:16x16           | 5120 / 20              | 15.92 of 16 GiB: fits    | 40.23                 | 408 ms, 49 bags/s/chip |
+# | (max)   | v4:4x4x4            | 2176 / 34              | 32.24 of 32 GiB: no      | 68.39                 | -                      |
+# | (max)   | v4:4x4x4            | 2304 / 36              | 33.80 of 32 GiB: no      | 72.41                 | -                      |
+#
+# Largest per-chip batch found: v5e >= 20 (24 and up not compiled: ~30 min per compile on
+# the 2-core build machine), v4 32 (34 and 36 do not fit; 33 not compiled). Run
+# `pathjax compile --config=... --topology ... --max-batch` to search further.
+# The plans keep 16 (v5e, the 4096-bag target) and 32 (v4) per chip.
 #
 # Memory: arguments 43 MiB (v5e) / 131 MiB (v4): FSDP leaves each chip 1/256 (1/64) of the
 # 423M fp32 parameters and AdamW moments; the rest is activations (temporaries 15.5 / 27.4
