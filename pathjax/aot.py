@@ -323,11 +323,8 @@ def compile_train_step(config, topology: Topology, *, recipe=None, count_flops: 
   largest = sorted(largest, key=_per_chip_key, reverse=True)[:8]
   start = time.time()
   log(f"lowering the train step (global batch {global_batch}, mesh {dict(mesh.shape)})")
-  # flax 0.12 applies logical activation constraints only under an abstract mesh
-  # (jax.set_mesh); a bare `with mesh:` leaves them silent no-ops and XLA then replicates
-  # activations. Tracing happens here, so the mesh is set around the lowering.
-  with jax.set_mesh(mesh):
-    lowered = step.lower(state, batch)
+  # The step enters sharding.mesh_context while tracing, so activation constraints apply.
+  lowered = step.lower(state, batch)
   log(f"lowered in {time.time() - start:.0f} s; compiling for {topology.name}")
   error, memory, flops = None, {}, None
   try:
@@ -339,17 +336,15 @@ def compile_train_step(config, topology: Topology, *, recipe=None, count_flops: 
   seconds = time.time() - start
   model_flops = step_flops = None
   if count_flops:
-    with jax.set_mesh(mesh):
-      step_flops = jaxpr_flops(step, state, batch)
+    step_flops = jaxpr_flops(step, state, batch)
     model_flops = step_flops
     if "model" in config and config.model.get("remat", "none") != "none":
       plain = config.copy_and_resolve_references()
       with plain.unlocked():
         plain.model.remat = "none"
       from pathjax.recipes.base import make_recipe as _make  # pylint: disable=import-outside-toplevel
-      with jax.set_mesh(mesh):
-        model_flops = jaxpr_flops(train.build_train_step(plain, _make(plain), mesh, state_shardings),
-                                  state, batch)
+      model_flops = jaxpr_flops(train.build_train_step(plain, _make(plain), mesh, state_shardings),
+                                state, batch)
   return CompileResult(topology=topology, global_batch=global_batch,
                        per_chip_batch=global_batch / topology.num_chips,
                        mesh=dict(mesh.shape), memory=memory, flops=flops,

@@ -7,6 +7,7 @@ tensor parallel are a config change. No module knows the mesh.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Sequence
 
@@ -111,6 +112,20 @@ def rules_for_mesh(rules, mesh: Mesh):
   return tuple(out)
 
 
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules):
+  """Where modules' logical constraints take effect: the mesh, its abstract mesh, the rules.
+
+  flax applies `nn.with_logical_constraint` only under an abstract mesh
+  (`use_abstract_mesh`, which unlike `jax.set_mesh` may be entered inside `jax.jit`);
+  `with mesh` alone silently skips every activation constraint. Enter it inside traced
+  functions (train step, init) so lowering needs no outer context.
+  """
+  with mesh, jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+      nn.logical_axis_rules(rules_for_mesh(rules, mesh)):
+    yield
+
+
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
   """NamedShardings for a (boxed) abstract tree; unboxed leaves are replicated."""
   rules = rules_for_mesh(rules, mesh)
@@ -142,8 +157,11 @@ def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, rules, *args) -> tuple
   abstract = jax.eval_shape(init_fn, *args)
   shardings = logical_shardings(abstract, mesh, rules)
   check_divisible(abstract, shardings)
-  with mesh, nn.logical_axis_rules(rules_for_mesh(rules, mesh)):
-    tree = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+  def init(*a):
+    with mesh_context(mesh, rules):
+      return nn.unbox(init_fn(*a))
+
+  tree = jax.jit(init, out_shardings=shardings)(*args)
   return tree, shardings
 
 

@@ -174,7 +174,7 @@ def build_train_step(config, recipe, mesh: Mesh, state_shardings, tx=None, sched
   step_fn = make_train_step(recipe, tx, schedule, config.optimizer)
 
   def step_in_context(state, batch):
-    with mesh, nn.logical_axis_rules(rules):
+    with sharding.mesh_context(mesh, rules):
       return step_fn(state, batch)
 
   return jax.jit(step_in_context,
@@ -342,7 +342,7 @@ def train(config, workdir: str, *, recipe=None, devices: Sequence[jax.Device] | 
   record: dict = (read_metrics(workdir) or [{}])[-1] if is_main and start >= total else {}
   logger.start(start)
   try:
-    with mesh, nn.logical_axis_rules(sharding.rules_for_mesh(rules, mesh)):
+    with mesh:
       for step in range(start, total):
         batch = sharding.make_global_batch(next(iterator), mesh, rules)
         state, metrics = train_step(state, batch)

@@ -117,7 +117,7 @@ def test_sigmoid_itc_under_mesh_equals_unsharded(setup):
   mesh = sharding.make_mesh(("data",), (8,))
   rules = sharding.FSDP_TENSOR_RULES
   def step(p, bt):
-    with mesh, nn.logical_axis_rules(sharding.rules_for_mesh(rules, mesh)):
+    with sharding.mesh_context(mesh, rules):
       return recipe.loss(p, bt, jax.random.key(1), True)[0]
   sharded_batch = sharding.make_global_batch(batch, mesh, rules)
   ringed = float(jax.jit(step)(params, sharded_batch))

@@ -138,7 +138,7 @@ def test_sharded_forward_equals_unsharded(rules_name):
   plain = jax.tree.map(np.asarray, variables)
   expected = model.apply(plain, images)["pooled"]
   batch = sharding.make_global_batch(images, mesh, rules)
-  with mesh, nn.logical_axis_rules(sharding.rules_for_mesh(rules, mesh)):
+  with sharding.mesh_context(mesh, rules):
     got = jax.jit(lambda v, x: model.apply(v, x)["pooled"])(variables, batch)
   assert got.sharding.spec[0] is not None or rules_name == "dp"
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=1e-5)
