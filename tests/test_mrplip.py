@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pathjax import config_lib, losses, sharding
+from pathjax import config_lib, sharding
 from pathjax.recipes import mrplip
 from pathjax.recipes.base import make_recipe
 

@@ -1,6 +1,5 @@
 """Optimizer: schedule values, regex masks, lr multipliers and freezing."""
 
-import importlib.util
 
 import jax
 import jax.numpy as jnp

@@ -8,7 +8,6 @@ Regenerate them with PATHJAX_UPDATE_GOLDENS=1 pytest tests/test_sharding.py.
 import os
 import pathlib
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,8 +1,6 @@
 """Tokenization: CLIP-compatible BPE training, loading through transformers, fixed-length ids."""
 
 import pickle
-import subprocess
-import sys
 import json
 
 import numpy as np

@@ -139,7 +139,6 @@ def main(args) -> int:
   print("ratio = tiling patches/s (incl. tissue mask, resizing, JPEG encoding, records) / raw "
         "level-0 patch decode rate, same worker count; goal >= 0.8")
   best = max(rows, key=lambda r: r[3] / r[0])
-  per_core = best[3] / best[0]
   print(f"one H100 at 50% MFU consumes about 330 MR-PLIP bags/s (about 1,300 images/s, one chain "
         f"of 4 per bag); tiling is offline, but at the measured {best[2] / best[0]:.2f} bags/s per "
         f"core re-tiling at that rate would need {330 / max(best[2] / best[0], 1e-9):.0f} cores per GPU")

@@ -53,7 +53,6 @@ argmax(ids == eos_id)).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 from typing import Any, Sequence

@@ -83,7 +83,6 @@ def select_patches(bag: Bag, rng: np.random.Generator | None, *,
   children = children_lists(bag)
   roots = [i for i, p in enumerate(bag.patches) if p.parent < 0]
   # Each tree level: a list of (bag index or -1, emitted ancestor position or -1).
-  emit_pos: dict[int, int] = {}
   out_idx: list[int] = []
   out_level: list[int] = []
   out_parent: list[int] = []
