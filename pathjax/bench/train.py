@@ -89,9 +89,9 @@ def main(args) -> int:
   config = config_lib.load_config(args.config, args.config_overrides)
   dtype = DTYPES[config.precision.compute_dtype]
   print(f"pathjax bench train: {args.config}; {common.machine_line()}")
+  r = measure(config, args.steps, args.seed)  # first: a config the recipe rejects fails fast
   peak = common.matmul_peak_flops(dtype)
   print(f"matmul peak ({jnp.dtype(dtype).name}, measured now): {peak / 1e9:,.1f} GFLOP/s per device")
-  r = measure(config, args.steps, args.seed)
   sps = 1.0 / r["seconds_per_step"]
   print(f"compile {r['compile_seconds']:.1f} s; global batch {r['examples_per_step']} examples "
         f"({r['images_per_step']} images)")

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pathjax import losses, sharding
+from pathjax.config_lib import ConfigError
 from pathjax.input import transforms
 from pathjax.models import heads, layers
 from pathjax.models.fusion import FusionEncoder
@@ -118,11 +119,11 @@ class MRPLIPRecipe:
     self.config = config
     m, loss_cfg = config.model, config.loss
     if loss_cfg.cvta_text_unit not in TEXT_UNITS:
-      raise ValueError(f"loss.cvta_text_unit {loss_cfg.cvta_text_unit!r}; valid: {TEXT_UNITS}")
+      raise ConfigError(f"loss.cvta_text_unit {loss_cfg.cvta_text_unit!r}; valid: {TEXT_UNITS}")
     if loss_cfg.mrtva_pairs not in MRTVA_PAIRS:
-      raise ValueError(f"loss.mrtva_pairs {loss_cfg.mrtva_pairs!r}; valid: {MRTVA_PAIRS}")
+      raise ConfigError(f"loss.mrtva_pairs {loss_cfg.mrtva_pairs!r}; valid: {MRTVA_PAIRS}")
     if loss_cfg.contrastive not in CONTRASTIVE:
-      raise ValueError(f"loss.contrastive {loss_cfg.contrastive!r}; valid: {CONTRASTIVE}")
+      raise ConfigError(f"loss.contrastive {loss_cfg.contrastive!r}; valid: {CONTRASTIVE}")
     vision = {**_variant(ViT, m.vision.variant), **m.vision.overrides.to_dict()}
     text = {**_variant(TextTransformer, m.text.variant), **m.text.overrides.to_dict(),
             "context_length": config.input.context_length}
@@ -142,13 +143,13 @@ class MRPLIPRecipe:
     self.pad_id = 0
     if not config.input.tokenizer:
       if not vocab_size:
-        raise ValueError("model.text.overrides.vocab_size is 0 (take it from the tokenizer) but "
+        raise ConfigError("model.text.overrides.vocab_size is 0 (take it from the tokenizer) but "
                          "input.tokenizer is empty: set one of them")
       return {}
     from pathjax.input.tokenize import TextTokenizer
     tok = TextTokenizer(config.input.tokenizer, config.input.context_length)
     if vocab_size and tok.vocab_size > vocab_size:
-      raise ValueError(f"the tokenizer in {config.input.tokenizer} has {tok.vocab_size} tokens, "
+      raise ConfigError(f"the tokenizer in {config.input.tokenizer} has {tok.vocab_size} tokens, "
                        f"more than model.text.overrides.vocab_size={vocab_size}")
     self.pad_id = tok.pad_id
     return {"vocab_size": vocab_size or tok.vocab_size, "eos_id": tok.eos_id}
@@ -176,7 +177,7 @@ class MRPLIPRecipe:
     targets = {"vision": "vision_tower", "text": "text_tower"}
     for tower in m.init_towers:
       if tower not in targets:
-        raise ValueError(f"model.init_towers: unknown tower {tower!r}; valid: {', '.join(targets)}")
+        raise ConfigError(f"model.init_towers: unknown tower {tower!r}; valid: {', '.join(targets)}")
       name = targets[tower]
       params[name] = _replace_checked(params[name], loaded.towers[tower].params, shardings[name],
                                       f"{m.init_dir} {tower} tower")
