@@ -134,7 +134,7 @@ def run(out: str, *, train_slides: int, heldout_slides: int, steps: int, patch_s
 
 
 def _real_slide(out: str, model_dir: str, patch_size: int, workers: int) -> dict:
-  from pathjax.input import inspect_cli, records as records_lib, schema, tile as tile_lib
+  from pathjax.input import inspect_cli, records as records_lib, tile as tile_lib
   from pathjax.input import transforms
   from pathjax.models.model_dir import load_model_dir
   from pathjax.wsi import sample_data
@@ -150,11 +150,11 @@ def _real_slide(out: str, model_dir: str, patch_size: int, workers: int) -> dict
   source, _ = records_lib.open_records(rec_dir)
   model = load_model_dir(model_dir)
   images = [transforms.decode_to_array(p.jpeg, patch_size)
-            for i in range(len(source)) for p in schema.decode_bag(source[i]).patches]
+            for i in range(len(source)) for p in source.full_bag(i).patches]
   features = model.encode_image(np.stack(images)) if images else np.zeros((0, 0))
   np.save(os.path.join(out, "real_slide_features.npy"), features)
   sheet = os.path.join(out, "real_slide_bag0.png")
-  inspect_cli.contact_sheet(schema.decode_bag(source[0]), sheet)
+  inspect_cli.contact_sheet(source.full_bag(0), sheet)
   counts = manifest["counts"]
   print(f"   {os.path.basename(path)}: {counts['bags']} bags at 5x/10x/20x, {len(images)} patches "
         f"embedded -> {features.shape} in {out}/real_slide_features.npy; contact sheet {sheet}")

@@ -16,7 +16,7 @@ def data(tmp_path_factory):
                                 num_levels=3, num_shards=3, distinct_images=16)
   tok = write_synthetic_tokenizer(str(root / "tok"), vocab_size=600)
   source, _ = records.open_records(rec)
-  bags = [schema.decode_bag(source[i]) for i in range(len(source))]
+  bags = [source.full_bag(i) for i in range(len(source))]
   return rec, tok, bags
 
 
@@ -338,3 +338,24 @@ def test_workers_match_in_process(data):
   restored = pipeline.make_train_iterator(cfg, process_index=0, process_count=1, worker_count=2)
   restored.set_state(state)
   assert_batches_equal(take(restored, 2), ref[3:])
+
+
+def test_device_augmentation_batch_matches_host_batch(data):
+  import jax.numpy as jnp
+
+  from pathjax.input import transforms
+  cfg = config(data)
+  assert cfg.augment.on_device  # the default
+  dev = next(pipeline.make_train_iterator(cfg, process_index=0, process_count=1))
+  cfg.augment.on_device = False
+  host = next(pipeline.make_train_iterator(cfg, process_index=0, process_count=1))
+  assert "color_transform" not in host and "dihedral" not in host
+  assert dev["color_transform"].shape == (4, 3, 3, 4) and dev["dihedral"].shape == (4, 3)
+  assert len(np.unique(dev["dihedral"])) > 1
+  applied = np.asarray(transforms.augment_on_device(
+      jnp.asarray(dev["images"]), jnp.asarray(dev["color_transform"]), jnp.asarray(dev["dihedral"])))
+  mask = dev["patch_mask"]
+  np.testing.assert_allclose(applied[mask], host["images"][mask], atol=0.5 + 1e-4)
+  np.testing.assert_array_equal(dev["caption_ids"], host["caption_ids"])
+  example = pipeline.example_batch(config(data, image_size=32, levels=(0, 1, 2)), 4)
+  assert {k: v.shape for k, v in example.items()} == {k: v.shape for k, v in dev.items()}

@@ -12,7 +12,7 @@ from PIL import Image
 from slide_fixtures import TINY_MAGS, TINY_PATCH, TINY_SIZE
 
 from pathjax import cli
-from pathjax.input import records, schema, tile
+from pathjax.input import records, tile
 from pathjax.wsi import synth, tissue
 
 
@@ -25,7 +25,7 @@ def _tile(paths, captions, out, **kw):
 
 def _bags(out):
   source, manifest = records.open_records(str(out))
-  return [schema.decode_bag(source[i]) for i in range(len(source))], manifest
+  return [source.full_bag(i) for i in range(len(source))], manifest
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +190,7 @@ def test_cli_tile_and_inspect(tiny_slides, tmp_path, capsys):
   printed = capsys.readouterr().out
   lines = printed.strip().splitlines()
   rec = json.loads(lines[-1])
-  assert rec["bag_index"] >= 0 and "jpeg" not in rec["patches"][0] and rec["patches"][0]["jpeg_bytes"] > 0
+  assert rec["bag_index"] >= 0 and "jpeg" not in rec["patches"][0] and rec["patches"][0]["pixel"] >= 0
   assert '"counts"' in printed
   assert Image.open(png).size[0] > 200
   # A records directory without manifest is refused by inspect.

@@ -3,9 +3,12 @@
 Prints, on a records directory of realistic 224 px JPEG bags (synthesised here unless
 `--records DIR` is given):
 
-1. raw Grain random access + msgpack + JPEG decode of every patch, one thread;
+1. raw random access: a bag record and 4 of its JPEGs, decoded, one thread;
 2. the full training pipeline (read, decode, chain sampling, augmentation, tokenization,
-   batching) with 0 workers and with N workers;
+   batching) with 0 workers and with N workers, augmentation parameters drawn on the host and
+   colour jitter / flips applied on the device (the default, augment.on_device), and with
+   0 workers and all augmentation on the host (augment.on_device=false);
+3. what the on-device part costs per image on the jax backend of this run;
 
 as images/s and images/s per core (CPU seconds of this process and its workers, so
 threads and workers are accounted for), and the cores per GPU implied by an H100 at 50%
@@ -54,14 +57,12 @@ def textured_jpegs(n: int, size: int, rng: np.random.Generator, quality: int = 9
 def write_synthetic_records(out_dir: str, *, num_bags: int = 16, patch_size: int = 224,
                             num_levels: int = 4, num_shards: int = 2, seed: int = 0,
                             distinct_images: int = 64, missing_caption_rate: float = 0.2,
-                            low_tissue_rate: float = 0.2, class_names=CLASSES,
-                            array_record_options: str | None = None) -> str:
+                            low_tissue_rate: float = 0.2, class_names=CLASSES) -> str:
   """A finished records directory of quad-tree bags with pooled textured JPEGs.
 
   Patch i of bag b gets JPEG (b * 131 + i) % distinct_images; captions name the bag, the
   patch and a few terms (some missing); some descendants have low tissue. Shards are
-  written by `records.write_shard` (what `pathjax tile` uses), or, with
-  `array_record_options` (e.g. "group_size:1,uncompressed"), directly with those options.
+  written by `records.write_slide_shards`, as `pathjax tile` writes them.
   """
   from pathjax.input import records, schema
   rng = np.random.default_rng(seed)
@@ -100,19 +101,10 @@ def write_synthetic_records(out_dir: str, *, num_bags: int = 16, patch_size: int
   names = []
   for s in range(num_shards):
     name = records.SHARD_PATTERN.format(index=s, count=num_shards)
-    path = os.path.join(out_dir, name)
-    encoded = (schema.encode_bag(bag) for bag in bags[s::num_shards])
-    if array_record_options is None:
-      records.write_shard(path, encoded)
-    else:
-      from array_record.python import array_record_module
-      writer = array_record_module.ArrayRecordWriter(path + ".tmp", array_record_options)
-      for record in encoded:
-        writer.write(record)
-      writer.close()
-      os.replace(path + ".tmp", path)
+    records.write_slide_shards(os.path.join(out_dir, name), bags[s::num_shards])
     names.append(name)
   records.write_manifest(out_dir, {"shards": names, "bags": num_bags, "synthetic": True,
+                                   "schema_version": schema.SCHEMA_VERSION,
                                    "magnifications": mags, "patch_size": patch_size})
   return out_dir
 
@@ -158,16 +150,17 @@ class CpuClock:
 
 
 def bench_raw(records_dir: str, seconds: float) -> dict:
-  from pathjax.input import records, schema, transforms
+  from pathjax.input import records, transforms
   source, _ = records.open_records(records_dir)
   rng = np.random.default_rng(0)
   images = 0
   start = time.perf_counter()
   cpu0 = time.process_time()
   while time.perf_counter() - start < seconds:
-    bag = schema.decode_bag(source[int(rng.integers(len(source)))])
-    for p in bag.patches[:4]:
-      transforms.decode_to_array(p.jpeg)
+    record = int(rng.integers(len(source)))
+    bag = source.bag(record)
+    for jpeg in source.jpegs(record, bag, range(4)):
+      transforms.decode_to_array(jpeg)
       images += 1
   wall = time.perf_counter() - start
   cpu = time.process_time() - cpu0
@@ -175,9 +168,10 @@ def bench_raw(records_dir: str, seconds: float) -> dict:
 
 
 def bench_pipeline(records_dir: str, tokenizer_dir: str, workers: int, batch: int,
-                   seconds: float, warmup_batches: int) -> dict:
+                   seconds: float, warmup_batches: int, on_device: bool = True) -> dict:
   from pathjax.input import pipeline
   cfg = pipeline.default_input_config()
+  cfg.augment.on_device = on_device
   cfg.records_dir = records_dir
   cfg.tokenizer = tokenizer_dir
   cfg.global_batch_size = batch
@@ -200,6 +194,30 @@ def bench_pipeline(records_dir: str, tokenizer_dir: str, workers: int, batch: in
           "shape": list(first["images"].shape)}
 
 
+def bench_device_augment(batch: int = 64, size: int = 224, iters: int = 5) -> dict:
+  """ms per image of normalize_on_device with and without the on-device augmentation, on
+  the default jax backend (here the CPU: an upper bound for what an accelerator spends)."""
+  import jax
+  import jax.numpy as jnp
+
+  from pathjax.input import transforms
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8))
+  color = jnp.asarray(np.broadcast_to(transforms.IDENTITY_COLOR * 1.05, (batch, 3, 4)))
+  dihedral = jnp.asarray(rng.integers(0, 8, (batch,)), jnp.int32)
+  plain = jax.jit(lambda x: transforms.normalize_on_device(x))
+  augmented = jax.jit(lambda x, c, d: transforms.normalize_on_device(x, color=c, dihedral=d))
+  out = {}
+  for name, fn, args in (("normalize", plain, (images,)),
+                         ("augment_and_normalize", augmented, (images, color, dihedral))):
+    fn(*args).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+      fn(*args).block_until_ready()
+    out[name] = 1e3 * (time.perf_counter() - t0) / iters / batch
+  return out
+
+
 def register(parser):
   parser.add_argument("--records", default=None, help="records directory (default: synthesise)")
   parser.add_argument("--bags", type=int, default=64)
@@ -216,16 +234,6 @@ def _line(name: str, r: dict) -> str:
           f"({r['cpu_s'] / r['wall_s']:.2f} cores busy)")
 
 
-def _array_record_options(records_dir: str) -> str:
-  import glob
-  from array_record.python import array_record_module
-  reader = array_record_module.ArrayRecordReader(sorted(glob.glob(os.path.join(records_dir, "*.array_record")))[0])
-  try:
-    return reader.writer_options_string()
-  finally:
-    reader.close()
-
-
 def main(args) -> int:
   from absl import flags
   if not flags.FLAGS.is_parsed():
@@ -235,34 +243,39 @@ def main(args) -> int:
   if args.records:
     layouts = {"given": args.records}
   else:
-    layouts = {}
-    for name, options in (("as written by records.write_shard", None),
-                          ("uncompressed", "group_size:1,uncompressed")):
-      t0 = time.perf_counter()
-      layouts[name] = write_synthetic_records(
-          os.path.join(tmp, name.split()[0]), num_bags=args.bags, patch_size=224, num_levels=4,
-          num_shards=4, array_record_options=options)
-      print(f"built {args.bags} bags x 85 patches of 224 px ({name}) in {time.perf_counter() - t0:.1f}s")
+    t0 = time.perf_counter()
+    layouts = {"synthetic": write_synthetic_records(
+        os.path.join(tmp, "records"), num_bags=args.bags, patch_size=224, num_levels=4,
+        num_shards=4)}
+    print(f"built {args.bags} bags x 85 patches of 224 px in {time.perf_counter() - t0:.1f}s")
   print(f"{os.cpu_count()} CPU cores; per core = images / CPU seconds of this process and its workers")
   results = {}
   best = 0.0
   for name, records_dir in layouts.items():
-    options = _array_record_options(records_dir)
-    print(f"-- records {name}: {options}")
+    print(f"-- records: {name} ({records_dir})")
     raw = results[f"{name}/raw_1_thread"] = bench_raw(records_dir, args.seconds)
-    print(_line("raw grain read + JPEG decode (1 thread)", raw))
+    print(_line("raw read of a bag + 4 JPEGs, decode (1 thread)", raw))
     r0 = results[f"{name}/pipeline_0_workers"] = bench_pipeline(
         records_dir, tok_dir, 0, args.batch, args.seconds, 2)
     print(_line("full pipeline, 0 workers", r0))
     rn = results[f"{name}/pipeline_{args.workers}_workers"] = bench_pipeline(
         records_dir, tok_dir, args.workers, args.batch, args.seconds, 4 * args.workers)
     print(_line(f"full pipeline, {args.workers} workers", rn))
+    rh = results[f"{name}/pipeline_0_workers_host_augment"] = bench_pipeline(
+        records_dir, tok_dir, 0, args.batch, args.seconds, 2, on_device=False)
+    print(_line("full pipeline, 0 workers, host augmentation", rh))
     per_core = max(r0["images"] / r0["cpu_s"], rn["images"] / rn["cpu_s"])
     results[f"{name}/per_core"] = per_core
     print(f"   augmented images/s per core: {per_core:.0f} (goal >= 800: "
           f"{'met' if per_core >= 800 else 'NOT met'}); an H100 at 50% MFU (~{H100_IMAGES_PER_S:.0f} "
           f"images/s) needs {H100_IMAGES_PER_S / per_core:.1f} cores at this rate")
     best = max(best, per_core)
+  dev = results["device_augment_ms_per_image"] = bench_device_augment()
+  import jax
+  print(f"on-device augmentation on the {jax.default_backend()} backend: "
+        f"{dev['augment_and_normalize']:.3f} ms/image with it, {dev['normalize']:.3f} without "
+        f"(augment.on_device=true moves colour jitter and flips here; host augmentation: "
+        f"augment.on_device=false)")
   results["cores_per_h100"] = H100_IMAGES_PER_S / best
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:

@@ -60,11 +60,10 @@ def raw_rate(paths, patch_size, seconds, workers) -> float:
   return sum(n for n, _ in out) / max(t for _, t in out)
 
 
-def serialization_costs(bag_bytes_example) -> dict:
-  import msgpack
-
+def serialization_costs(bag) -> dict:
+  """ms to serialize one bag (JPEGs loaded): pathjax's msgpack bag record (the JPEGs go to
+  the pixel shard as they are) against TFDS FeaturesDicts with JPEG bytes or raw pixels."""
   from pathjax.input import schema
-  bag = schema.decode_bag(bag_bytes_example)
   t0 = time.perf_counter()
   for _ in range(50):
     schema.encode_bag(bag)
@@ -130,7 +129,7 @@ def main(args) -> int:
     rows.append((w, raw, c["bags"] / dt, c["patches"] / dt, c["bags"], c["patches"], dt))
     if example_record is None:
       source, _ = records.open_records(out)
-      example_record = source[0]
+      example_record = source.full_bag(0)
   print(f"\n{'workers':>7} {'raw patches/s':>14} {'tiling bags/s':>14} {'tiling patches/s':>17} "
         f"{'ratio':>6} {'per worker':>10}   (bags, patches, seconds)")
   for w, raw, bps, pps, nb, npch, dt in rows:

@@ -392,18 +392,17 @@ class RecordsDataset(Dataset):
     self._local = threading.local()
 
   def _bag(self, record_index: int):
-    from pathjax.input import schema
     cache = getattr(self._local, "cache", None)
     if cache is None or cache[0] != record_index:
-      cache = (record_index, schema.decode_bag(self._source[record_index]))
+      cache = (record_index, self._source.bag(record_index))
       self._local.cache = cache
     return cache[1]
 
   def _read(self, key) -> Image.Image:
     import io
     record_index, patch_index = key
-    patch = self._bag(record_index).patches[patch_index]
-    return Image.open(io.BytesIO(patch.jpeg)).convert("RGB")
+    jpeg, = self._source.jpegs(record_index, self._bag(record_index), [patch_index])
+    return Image.open(io.BytesIO(jpeg)).convert("RGB")
 
   def image(self, i: int, size: int) -> np.ndarray:
     try:
@@ -426,7 +425,7 @@ class RecordsDataset(Dataset):
 
 def records_dataset(directory: str, magnification: float | None = None,
                     exclude: Sequence[str] = ("background",)) -> RecordsDataset:
-  from pathjax.input import records, schema
+  from pathjax.input import records
   try:
     source, info = records.open_records(directory)
   except FileNotFoundError as e:
@@ -434,7 +433,7 @@ def records_dataset(directory: str, magnification: float | None = None,
   keys, ids, labels, captions, mpps = [], [], [], [], []
   excluded = 0
   for r in range(len(source)):
-    bag = schema.decode_bag(source[r])
+    bag = source.bag(r)
     for j, p in enumerate(bag.patches):
       if magnification is not None and abs(p.magnification - magnification) > 1e-3 * magnification:
         continue

@@ -28,12 +28,12 @@ def register(parser):
 
 
 def bag_to_json(bag: schema.Bag) -> dict:
-  """The record without pixels (JPEG sizes instead)."""
+  """The bag record as JSON (`pixel`: where each patch's JPEG is in the slide's pixel shard)."""
   d = {k: getattr(bag, k) for k in ("slide_id", "bag_index", "mpp", "patch_size", "magnifications", "keywords")}
   d["patches"] = [{
       "level": p.level, "magnification": p.magnification, "x": p.x, "y": p.y, "extent": p.extent,
       "tissue": p.tissue, "parent": p.parent, "caption": p.caption, "has_caption": p.has_caption,
-      "keywords": p.keywords, "label": p.label, "jpeg_bytes": len(p.jpeg)} for p in bag.patches]
+      "keywords": p.keywords, "label": p.label, "pixel": p.pixel} for p in bag.patches]
   return d
 
 
@@ -78,11 +78,11 @@ def main(args) -> int:
   print(json.dumps(manifest, indent=2, sort_keys=True))
   n = len(source) if args.records < 0 else min(args.records, len(source))
   for i in range(n):
-    print(json.dumps(bag_to_json(schema.decode_bag(source[i]))))
+    print(json.dumps(bag_to_json(source.bag(i))))
   if args.png:
     if not 0 <= args.bag < len(source):
       print(f"pathjax inspect: --bag {args.bag} out of range (0..{len(source) - 1})", file=sys.stderr)
       return 2
-    contact_sheet(schema.decode_bag(source[args.bag]), args.png, max_per_level=args.max_per_level)
+    contact_sheet(source.full_bag(args.bag), args.png, max_per_level=args.max_per_level)
     print(f"wrote contact sheet of bag {args.bag} to {args.png}", file=sys.stderr)
   return 0

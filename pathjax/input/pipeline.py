@@ -39,6 +39,8 @@ Batch (numpy, per host; P patches per example: P = L levels for chain sampling)
     patch_index   int32   [B, P]   index of the patch in its bag (schema order), -1 for padding
     patch_mask    bool    [B, P]   present and passing the tissue threshold
     labels        int32   [B, P]   index of Patch.label in config.class_names, -1 if unknown
+    color_transform float32 [B, P, 3, 4]  (training, augment.on_device: colour jitter to
+    dihedral      int32   [B, P]          apply on device; transforms.normalize_on_device)
     caption_ids   int32   [B, P, ctx]   (when a tokenizer is given)
     caption_mask  bool    [B, P]   the patch has a caption
     keyword_ids   int32   [B, K, ctx]   (when a tokenizer is given)
@@ -63,7 +65,6 @@ import numpy as np
 
 from pathjax.input import records as records_lib
 from pathjax.input import sampling
-from pathjax.input import schema
 from pathjax.input import transforms
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -205,19 +206,25 @@ class BagExamples:
 
   def __call__(self, index: int) -> dict[str, Any]:
     epoch, record, valid = self.plan.locate(index)
-    bag = schema.decode_bag(self.source[record])
-    return self.example(bag, record, epoch, valid)
+    return self.example(record, epoch, valid)
 
-  def example(self, bag: schema.Bag, record: int, epoch: int, valid: bool = True) -> dict[str, Any]:
+  def example(self, record: int, epoch: int, valid: bool = True) -> dict[str, Any]:
     spec = self.spec
+    bag = self.source.bag(record)
     rng = np.random.default_rng([spec.seed, epoch, record])
     sel = sampling.select_patches(bag, rng, children_per_level=spec.children_per_level,
                                   levels=spec.levels, min_tissue=spec.min_tissue)
+    present = [int(i) for i in sel.indices if i >= 0]
+    jpegs = dict(zip(present, self.source.jpegs(record, bag, present)))
     size = spec.image_size or bag.patch_size
     aug = spec.augment if (self.train and spec.augment.enabled) else None
     shared = transforms.sample_params(rng, aug) if aug is not None and aug.consistent else None
     n = len(sel.indices)
+    on_device = aug is not None and aug.on_device
     images = np.zeros((n, size, size, 3), np.uint8)
+    if on_device:
+      color = np.broadcast_to(transforms.IDENTITY_COLOR, (n, 3, 4)).copy()
+      dihedral = np.zeros((n,), np.int32)
     mags = np.zeros((n,), np.float32)
     labels = np.full((n,), -1, np.int32)
     caption_mask = np.zeros((n,), bool)
@@ -231,23 +238,29 @@ class BagExamples:
         continue
       patch = bag.patches[bi]
       if aug is None:
-        images[p] = transforms.decode_to_array(patch.jpeg, size)
+        images[p] = transforms.decode_to_array(jpegs[int(bi)], size)
       else:
         params = shared if shared is not None else transforms.sample_params(rng, aug)
-        im = transforms.decode_jpeg(patch.jpeg, None if "crop" in params else size)
-        images[p] = transforms.augment_image(im, params, size)
+        pixels = transforms.decode_to_array(jpegs[int(bi)], None if "crop" in params else size)
+        if on_device:
+          images[p], color[p], dihedral[p] = transforms.augment_for_device(pixels, params, size)
+        else:
+          images[p] = transforms.augment_image(pixels, params, size)
       mags[p] = patch.magnification
       labels[p] = self._label_index.get(patch.label, -1)
       caption_mask[p] = bool(patch.has_caption)
       captions[p] = patch.caption if patch.has_caption else ""
     keywords, keyword_mask = sampling.select_keywords(bag.keywords, spec.max_keywords,
                                                       rng if self.train else None)
-    return {
+    example = {
         "images": images, "magnification": mags, "level": sel.level, "parent": sel.parent,
         "patch_mask": sel.valid, "patch_index": sel.indices, "labels": labels, "caption_mask": caption_mask,
         "keyword_mask": keyword_mask, "record_index": np.int32(record), "valid": np.bool_(valid),
         "captions": captions, "keywords": keywords,
     }
+    if on_device:
+      example.update(color_transform=color, dihedral=dihedral)
+    return example
 
 
 class Collate:
@@ -424,7 +437,7 @@ def index_patches(source, magnification: float, *, min_tissue: float = 0.0,
   """[(record, patch index)] of every patch at `magnification` (one scan of the records)."""
   rows = []
   for r in range(len(source)):
-    bag = schema.decode_bag(source[r])
+    bag = source.bag(r)
     for i, p in enumerate(bag.patches):
       if abs(p.magnification - magnification) <= rel_tol * magnification and p.tissue >= min_tissue:
         rows.append((r, i))
@@ -443,11 +456,12 @@ class PatchExamples:
     _, g, in_range = self.plan.locate(position if valid else 0)
     valid = valid and in_range
     record, patch_index = (int(v) for v in self.index[g])
-    bag = schema.decode_bag(self.source[record])
+    bag = self.source.bag(record)
     patch = bag.patches[patch_index]
     size = self.image_size or bag.patch_size
+    jpeg, = self.source.jpegs(record, bag, [patch_index])
     return {
-        "images": transforms.decode_to_array(patch.jpeg, size),
+        "images": transforms.decode_to_array(jpeg, size),
         "labels": np.int32(self._label_index.get(patch.label, -1)),
         "magnification": np.float32(patch.magnification),
         "tissue": np.float32(patch.tissue),
@@ -544,4 +558,11 @@ def example_batch(config, global_batch_size: int) -> dict[str, np.ndarray]:
       "record_index": np.zeros((b,), np.int32),
       "caption_ids": np.zeros((b, p, t), np.int32),
       "keyword_ids": np.zeros((b, k, t), np.int32),
+      **({"color_transform": np.broadcast_to(transforms.IDENTITY_COLOR, (b, p, 3, 4)).copy(),
+          "dihedral": np.zeros((b, p), np.int32)} if _augments_on_device(config) else {}),
   }
+
+
+def _augments_on_device(config) -> bool:
+  spec = transforms.AugmentSpec.from_config(config.get("augment"))
+  return spec.enabled and spec.on_device

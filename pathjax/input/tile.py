@@ -1,4 +1,4 @@
-"""Slides -> multi-resolution bag records (one ArrayRecord shard per slide) + manifest.
+"""Slides -> multi-resolution bag records (one ArrayRecord shard pair per slide) + manifest.
 
 `tile_slides(slide_paths, captions_path, out_dir, ...)` is the library entry point behind
 `pathjax tile`. Per slide (in a worker process when workers > 1; slides are opened inside
@@ -7,11 +7,11 @@ magnification, build a thumbnail tissue mask, and make a bag of every root patch
 magnification) whose tissue fraction reaches the threshold. Each bag is read one
 magnification at a time (the whole root region at once from the best pyramid level, then
 cut into its patches), JPEG-encoded, joined with its captions, and written as one
-`pathjax.input.schema.Bag` record.
+`pathjax.input.schema.Bag` record plus one JPEG record per patch.
 
-Resumable and atomic: a slide's shard `bags-<slide>.array_record` is written under a
-temporary name and renamed, then a done marker `.tile/done/<slide>.json` records its
-counts. A rerun with the same --out skips slides with a valid marker and does the rest;
+Resumable and atomic: a slide's shard pair `bags-<slide>.array_record` and
+`pixels-<slide>.array_record` (records.write_slide_shards) is written under temporary names
+and renamed, then a done marker `.tile/done/<slide>.json` records its counts and sizes. A rerun with the same --out skips slides with a valid marker and does the rest;
 `manifest.json` is removed at the start of a run and written last, so a reader
 (`records.open_records`) refuses a directory whose run has not finished.
 
@@ -187,7 +187,7 @@ def tile_one_slide(path: str, out_dir: str, opts: TileOptions, captions: dict) -
                              f"({len(roots)} roots; the slide is background)", t0)
     bag_errors: list[str] = []
 
-    def bag_records() -> Iterable[bytes]:
+    def bags() -> Iterable[schema.Bag]:
       for x, y in chosen:
         bag_stats = {"captions_missing": 0, "captions_matched": 0,
                      "captions_missing_per_magnification": {f"{m:g}": 0 for m in mags}}
@@ -204,10 +204,10 @@ def tile_one_slide(path: str, out_dir: str, opts: TileOptions, captions: dict) -
           stats["captions_missing_per_magnification"][m] += c
         for p in bag.patches:
           stats["patches_per_magnification"][f"{p.magnification:g}"] += 1
-        yield schema.encode_bag(bag)
+        yield bag
 
     shard = os.path.join(out_dir, shard_name(slide_id))
-    gen = bag_records()
+    gen = bags()
     first = next(gen, None)
     if first is None:
       return _finish_skipped(out_dir, stats, "all_bags_unreadable",
@@ -217,10 +217,11 @@ def tile_one_slide(path: str, out_dir: str, opts: TileOptions, captions: dict) -
       yield first
       yield from gen
 
-    n = records.write_shard(shard, chain())
+    written = records.write_slide_shards(shard, chain())
     stats["shard"] = os.path.basename(shard)
-    stats["shard_bytes"] = os.path.getsize(shard)
-    stats["records"] = n
+    stats["shard_bytes"] = written["bag_bytes"]
+    stats["pixel_bytes"] = written["pixel_bytes"]
+    stats["records"] = written["bags"]
     stats["bag_errors"] = bag_errors[:20]
   stats["seconds"] = round(time.perf_counter() - t0, 3)
   _write_marker(out_dir, stats)
@@ -255,8 +256,10 @@ def _read_valid_marker(out_dir: str, slide_id: str, path: str, opts: TileOptions
     return None
   if marker.get("status") == "done":
     shard = os.path.join(out_dir, marker.get("shard") or "")
-    if not os.path.isfile(shard) or os.path.getsize(shard) != marker.get("shard_bytes"):
-      return None
+    for path_, size in ((shard, marker.get("shard_bytes")),
+                        (records.pixels_path(shard), marker.get("pixel_bytes"))):
+      if not os.path.isfile(path_) or os.path.getsize(path_) != size:
+        return None
   return marker
 
 
@@ -302,8 +305,9 @@ def tile_slides(slide_paths: Sequence[str] | str, captions_path: str | None, out
   manifest_path = os.path.join(out_dir, records.MANIFEST)
   if os.path.exists(manifest_path):
     os.remove(manifest_path)
-  for stale in glob_lib.glob(os.path.join(out_dir, "bags-*.array_record.tmp-*")):
-    os.remove(stale)  # half-written shards of a killed run
+  for prefix in (records.BAG_PREFIX, records.PIXEL_PREFIX):
+    for stale in glob_lib.glob(os.path.join(out_dir, f"{prefix}*.array_record.tmp-*")):
+      os.remove(stale)  # half-written shards of a killed run
 
   caption_index = captions_lib.load_captions(captions_path) if captions_path else captions_lib.empty_index()
   with open(os.path.join(out_dir, CAPTION_ISSUES + ".tmp"), "w", encoding="utf-8") as f:

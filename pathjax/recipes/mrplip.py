@@ -201,8 +201,10 @@ class MRPLIPRecipe:
     images = batch["images"]                                   # uint8 [B, P, H, W, 3]
     b, p = images.shape[:2]
     valid = batch["patch_mask"].astype(bool)                   # [B, P]
-    x = transforms.normalize_on_device(images.reshape((b * p,) + images.shape[2:]),
-                                       dtype=self.compute_dtype)
+    flat = lambda x: None if x is None else x.reshape((b * p,) + x.shape[2:])
+    x = transforms.normalize_on_device(flat(images), dtype=self.compute_dtype,
+                                       color=flat(batch.get("color_transform")),
+                                       dihedral=flat(batch.get("dihedral")))
     pooled, v = apply(MRPLIPModel.encode_image, x)            # [B*P, Wv], [B*P, E]
     cap_tokens, cap_eot, t = apply(MRPLIPModel.encode_text, batch["caption_ids"].reshape(b * p, -1))
     cap_valid = (batch["caption_mask"].astype(bool) & valid).reshape(-1)
