@@ -106,6 +106,19 @@ def timm_available() -> bool:
   return True
 
 
+def torch_matmul_peak(n: int, min_seconds: float = 3.0) -> float:
+  """GFLOP/s of an n^3 fp32 torch matmul (every core), timed like the jax one."""
+  import torch
+  torch.set_num_threads(os.cpu_count() or 1)
+  a, b = torch.randn(n, n), torch.randn(n, n)
+  torch.matmul(a, b)
+  calls, t0 = 0, time.perf_counter()
+  while calls < 3 or time.perf_counter() - t0 < min_seconds:
+    torch.matmul(a, b)
+    calls += 1
+  return 2.0 * n ** 3 * calls / (time.perf_counter() - t0) / 1e9
+
+
 def bench_timm(variant: str, batch: int, image_size: int, iters: int, warmup: int) -> dict[str, Any]:
   import torch
   from timm.models.vision_transformer import VisionTransformer
@@ -153,6 +166,7 @@ def run(args) -> dict[str, Any]:
   if args.timm and timm_available():
     res["timm"] = bench_timm(args.variant, args.batch_size, args.image_size, args.iters,
                              args.warmup)
+    res["torch_matmul_gflops"] = torch_matmul_peak(args.matmul_size)
   res["load_avg_before"], res["load_avg_after"] = load_before, _load()
   return res
 
@@ -188,6 +202,12 @@ def report(res: dict[str, Any]) -> str:
     for name in ("fwd", "fwd_bwd"):
       lines.append(f"pathjax / timm {name}: {tm[f'{name}_s'] / pj[f'{name}_s']:.2f}x")
     lines.append(f"(timm: torch {tm['torch']}, {tm['threads']} threads)")
+    # Both run the same FLOPs, almost all in fp32 GEMMs: neither can beat the GEMM rate.
+    ceiling = max(peak, res.get("torch_matmul_gflops", 0.0))
+    timm_gf = fl["fwd_bwd"] / tm["fwd_bwd_s"] / 1e9
+    lines.append(f"GEMM ceiling: torch matmul {res.get('torch_matmul_gflops', 0.0):.1f} GFLOP/s, jax "
+                 f"{peak:.1f}; timm fwd+bwd runs at {timm_gf / ceiling:.0%} of the faster one, so "
+                 f"1.3x timm would need {1.3 * timm_gf:.1f} GFLOP/s = {1.3 * timm_gf / ceiling:.0%} of it")
   else:
     lines.append("timm reference: not run (torch+timm not importable, or --no-timm)")
   return "\n".join(lines)
