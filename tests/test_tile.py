@@ -155,6 +155,7 @@ def test_resume_after_killed_run(tiny_slides, tmp_path):
   # A killed run: one slide finished, one shard half-written, no manifest.
   tile.tile_one_slide(os.path.abspath(tiny_slides.slide_paths[0]), str(out), opts, {})
   (out / "bags-synth-001.array_record.tmp-12345").write_bytes(b"partial")
+  (out / "pixels-synth-001.array_record.tmp-12345").write_bytes(b"partial")
   with pytest.raises(records.IncompleteRecordsError, match="re-run `pathjax tile`"):
     records.open_records(str(out))
   m = _tile(tiny_slides.slide_paths, None, out)
@@ -168,6 +169,13 @@ def test_resume_after_killed_run(tiny_slides, tmp_path):
     records.open_records(str(out))
   m2 = _tile(tiny_slides.slide_paths, None, out)  # and a rerun repairs it
   assert m2["counts"]["slides_resumed"] == 2 and m2["counts"]["bags"] == m["counts"]["bags"]
+  # So is one whose pixel shard vanishes; the rerun redoes just that slide.
+  os.remove(records.pixels_path(records.shard_paths(str(out))[1]))
+  with pytest.raises(records.IncompleteRecordsError, match="pixel shards"):
+    records.open_records(str(out))
+  m3 = _tile(tiny_slides.slide_paths, None, out)
+  assert m3["counts"]["slides_resumed"] == 2 and m3["counts"]["bags"] == m["counts"]["bags"]
+  assert len(_bags(out)[0]) == m["counts"]["bags"]
 
 
 def test_parallel_workers_same_result(tiled, tiny_slides, tmp_path):

@@ -75,7 +75,7 @@ def safe_name(slide_id: str) -> str:
 
 
 def shard_name(slide_id: str) -> str:
-  return f"bags-{safe_name(slide_id)}.array_record"
+  return f"{records.BAG_PREFIX}{safe_name(slide_id)}.array_record"
 
 
 def expand_slides(pattern_or_paths: str | Sequence[str]) -> list[str]:
