@@ -40,7 +40,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pathjax import config_lib, sharding
-from pathjax.convert.safetensors_io import flatten
+from pathjax.tree_utils import flatten
 from pathjax.checkpoint import Checkpointer
 from pathjax.metrics_log import MetricsLogger, read_metrics
 from pathjax.optim import make_optimizer, stop_frozen_gradients, trainable_global_norm

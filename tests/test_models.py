@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pathjax.convert.safetensors_io import flatten, unflatten
+from pathjax.tree_utils import flatten, unflatten
 from pathjax.models.text import TextTransformer
 from pathjax.models.vit import ViT, variant_fields
 

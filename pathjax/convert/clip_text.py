@@ -165,7 +165,7 @@ def _finish_fields(fields, overrides, width):
 def _stack(blocks, scan):
   if not scan:
     return {f"blocks_{i}": b for i, b in enumerate(blocks)}
-  from pathjax.convert.safetensors_io import flatten, unflatten
+  from pathjax.tree_utils import flatten, unflatten
   flats = [flatten(b) for b in blocks]
   return {"blocks": unflatten({k: np.stack([f[k] for f in flats]) for k in flats[0]})}
 

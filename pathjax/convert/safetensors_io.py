@@ -11,6 +11,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from pathjax.tree_utils import flatten
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -120,33 +122,6 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: str,
   from safetensors.numpy import save_file
   save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}, path,
             metadata=dict(metadata) if metadata else None)
-
-
-# ---------------------------------------------------------------------------------- trees
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """{"a": {"b": x}} -> {"a/b": x}."""
-  out = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      out.update(flatten(value, name + "/"))
-    else:
-      out[name] = value
-  return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """{"a/b": x} -> {"a": {"b": x}}."""
-  tree: dict[str, Any] = {}
-  for key, value in flat.items():
-    node = tree
-    parts = key.split("/")
-    for part in parts[:-1]:
-      node = node.setdefault(part, {})
-    node[parts[-1]] = value
-  return tree
 
 
 def _listing(names: Iterable[str], limit: int = 40) -> str:

@@ -289,7 +289,8 @@ def convert_timm_vit(sd: Mapping[str, np.ndarray], *, variant: str | None = None
     params["head"] = _linear(r, "head")
   r.finish()  # missing / unexpected keys, listed, before anything is stacked
 
-  from pathjax.convert.safetensors_io import check_tree, flatten, unflatten
+  from pathjax.convert.safetensors_io import check_tree
+  from pathjax.tree_utils import flatten, unflatten
   for i, b in enumerate(blocks[1:], 1):  # per-layer shapes must agree before stacking
     check_tree(blocks[0], b, what=f"blocks.{i}", source=source)
   if scan:

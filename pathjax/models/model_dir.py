@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pathjax.convert.safetensors_io import (WeightsError, check_tree, flatten, load_safetensors,
-                                            save_safetensors, unflatten)
+from pathjax.convert.safetensors_io import (WeightsError, check_tree, load_safetensors,
+                                            save_safetensors)
+from pathjax.tree_utils import flatten, unflatten
 
 MODEL_JSON = "model.json"
 PARAMS_FILE = "params.safetensors"
