@@ -10,7 +10,7 @@ and a flip per pixel cost nothing next to a ViT. That halves the host CPU per im
 (`pathjax bench input` prints both paths), which is what decides how many cores feed an
 accelerator. With `on_device=False` the host applies everything (PIL, uint8) and the batch
 carries finished pixels. Crop and stain jitter always run on the host (resampling,
-nonlinear), before the colour jitter.
+nonlinear); both paths apply crop, stain jitter, colour jitter, flips in that order.
 
 Augmentations (each a config switch, `augment_config()` has the defaults):
 
@@ -246,16 +246,17 @@ def augment_image(image: np.ndarray | Image.Image, params: dict[str, Any], size:
   """Applies the parameters from `sample_params` to a decoded RGB image (uint8 HWC array or
   PIL image) on the host; returns uint8 HWC."""
   im, arr = _resize_for(image, params, size)
+  if "hed_scale" in params:  # stain jitter first, as on the device path
+    arr = hed_jitter(arr if arr is not None else np.asarray(im), params["hed_scale"],
+                     params["hed_shift"])
+    im = Image.fromarray(arr)
   matrix = _jitter_matrix(arr if arr is not None else np.asarray(im), params)
   if matrix is not None:
     im = im.convert("RGB", matrix)
   op = _DIHEDRAL[params["dihedral"]]
   if op is not None:
     im = im.transpose(op)
-  x = np.asarray(im)
-  if "hed_scale" in params:
-    x = hed_jitter(x, params["hed_scale"], params["hed_shift"])
-  return x
+  return np.asarray(im)
 
 
 def augment_for_device(image: np.ndarray, params: dict[str, Any], size: int
