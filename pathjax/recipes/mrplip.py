@@ -144,7 +144,9 @@ class MRPLIPRecipe:
     if not config.input.tokenizer:
       if not vocab_size:
         raise ConfigError("model.text.overrides.vocab_size is 0 (take it from the tokenizer) but "
-                         "input.tokenizer is empty: set one of them")
+                         "input.tokenizer is empty: set one of them, e.g. "
+                         "--config.input.tokenizer=DIR or --config.model.text.overrides.vocab_size=1024 "
+                         "(synthetic batches, as `pathjax bench train` and `pathjax compile` use)")
       return {}
     from pathjax.input.tokenize import TextTokenizer
     tok = TextTokenizer(config.input.tokenizer, config.input.context_length)
