@@ -16,6 +16,7 @@ import bisect
 import glob
 import json
 import os
+import threading
 from typing import Any, Iterable, Sequence
 
 from array_record.python import array_record_module
@@ -131,19 +132,26 @@ class BagRecords:
     for c in counts:
       self._starts.append(self._starts[-1] + c)
     self._readers: dict[str, Any] = {}
+    self._lock = threading.Lock()
 
   def __len__(self) -> int:
     return self._starts[-1]
 
   def __getstate__(self):
-    return {**self.__dict__, "_readers": {}}
+    return {k: v for k, v in self.__dict__.items() if k not in ("_readers", "_lock")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _readers={}, _lock=threading.Lock())
 
   def _reader(self, path: str):
     reader = self._readers.get(path)
     if reader is None:
-      reader = array_record_module.ArrayRecordReader(
-          path, "readahead_buffer_size:0", file_reader_buffer_size=32768)
-      self._readers[path] = reader
+      with self._lock:  # Grain's read threads may ask for the same file at once
+        reader = self._readers.get(path)
+        if reader is None:
+          reader = array_record_module.ArrayRecordReader(
+              path, "readahead_buffer_size:0", file_reader_buffer_size=32768)
+          self._readers[path] = reader
     return reader
 
   def _locate(self, index: int) -> tuple[int, int]:
