@@ -10,8 +10,8 @@ import pytest
 
 from pathjax.checkpoint import CorruptCheckpointWarning
 from pathjax.metrics_log import read_metrics
-from pathjax.train import Evaluator, train
-from train_helpers import ROOT, TOY, comparable, toy_config
+from pathjax.train import train
+from train_helpers import ROOT, TOY, Crash, comparable, crash_at, toy_config
 
 
 def _steps(workdir):
@@ -23,16 +23,8 @@ def test_keep_last_n_and_exact_resume_after_a_crash(tmp_path):
   train(config, tmp_path / "straight")
   assert _steps(tmp_path / "straight") == [6, 8]
 
-  class Crash(RuntimeError):
-    pass
-
-  def crash_at_7(params, step):
-    if step == 7:
-      raise Crash()
-    return {}
-
   with pytest.raises(Crash):
-    train(config, tmp_path / "crashed", evaluators=[Evaluator("boom", every=7, fn=crash_at_7)])
+    train(config, tmp_path / "crashed", evaluators=[crash_at(7)])
   assert _steps(tmp_path / "crashed") == [4, 6]
   assert max(comparable(tmp_path / "crashed")) == 6
   train(config, tmp_path / "crashed")  # same command again: resumes from step 6

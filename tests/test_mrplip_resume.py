@@ -11,8 +11,8 @@ import pytest
 
 from mrplip_helpers import TINY
 from pathjax import config_lib
-from pathjax.train import Evaluator, train
-from train_helpers import ROOT, comparable
+from pathjax.train import train
+from train_helpers import ROOT, Crash, comparable, crash_at
 
 CONFIG = os.path.join(ROOT, "configs", "mrplip.py") + ":smoke"
 
@@ -32,16 +32,8 @@ def test_crash_then_rerun_matches_uninterrupted_run(tiny_training_data, tmp_path
   assert config.input.augment.enabled and config.input.augment.on_device
   train(config, tmp_path / "straight")
 
-  class Crash(RuntimeError):
-    pass
-
-  def crash_at_5(params, step):
-    if step == 5:
-      raise Crash()
-    return {}
-
   with pytest.raises(Crash):
-    train(config, tmp_path / "crashed", evaluators=[Evaluator("boom", every=5, fn=crash_at_5)])
+    train(config, tmp_path / "crashed", evaluators=[crash_at(5)])
   assert max(comparable(tmp_path / "crashed")) == 4
   train(config, tmp_path / "crashed")  # the same command again: resumes from step 4
   straight, resumed = comparable(tmp_path / "straight"), comparable(tmp_path / "crashed")

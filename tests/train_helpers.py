@@ -20,6 +20,21 @@ def comparable(workdir):
           for r in read_metrics(str(workdir))}
 
 
+class Crash(RuntimeError):
+  """Raised by `crash_at`'s evaluator: a run dying mid-training."""
+
+
+def crash_at(step: int):
+  """An evaluator that raises Crash at `step` (after that step, before its checkpoint)."""
+  from pathjax.train import Evaluator
+
+  def boom(params, at):
+    if at == step:
+      raise Crash()
+    return {}
+  return Evaluator("boom", every=step, fn=boom)
+
+
 def use_compilation_cache():
   """Persistent XLA cache for the trainer tests (compiles take seconds each on a small CPU).
 

@@ -66,7 +66,6 @@ def analytic_vit_flops(model, batch: int, image_size: int) -> float:
 
 def matmul_peak(n: int) -> float:
   """GFLOP/s of an n^3 fp32 matmul (pathjax.bench.common)."""
-  from pathjax.bench import common
   return common.matmul_peak_flops(n=n) / 1e9
 
 
@@ -106,17 +105,12 @@ def timm_available() -> bool:
   return True
 
 
-def torch_matmul_peak(n: int, min_seconds: float = 3.0) -> float:
+def torch_matmul_peak(n: int) -> float:
   """GFLOP/s of an n^3 fp32 torch matmul (every core), timed like the jax one."""
   import torch
   torch.set_num_threads(os.cpu_count() or 1)
   a, b = torch.randn(n, n), torch.randn(n, n)
-  torch.matmul(a, b)
-  calls, t0 = 0, time.perf_counter()
-  while calls < 3 or time.perf_counter() - t0 < min_seconds:
-    torch.matmul(a, b)
-    calls += 1
-  return 2.0 * n ** 3 * calls / (time.perf_counter() - t0) / 1e9
+  return 2.0 * n ** 3 / common.time_calls(lambda: torch.matmul(a, b)) / 1e9
 
 
 def bench_timm(variant: str, batch: int, image_size: int, iters: int, warmup: int) -> dict[str, Any]:

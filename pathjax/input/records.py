@@ -64,6 +64,7 @@ def write_slide_shards(bag_shard: str, bags: Iterable[schema.Bag]) -> dict[str, 
   bag_writer = array_record_module.ArrayRecordWriter(tmp_bags, BAG_WRITER_OPTIONS)
   pix_writer = array_record_module.ArrayRecordWriter(tmp_pix, PIXEL_WRITER_OPTIONS)
   n_bags = n_patches = 0
+  complete = False
   try:
     for bag in bags:
       for p in bag.patches:
@@ -74,15 +75,14 @@ def write_slide_shards(bag_shard: str, bags: Iterable[schema.Bag]) -> dict[str, 
         n_patches += 1
       bag_writer.write(schema.encode_bag(bag))
       n_bags += 1
-  except BaseException:
+    complete = True
+  finally:
     bag_writer.close()
     pix_writer.close()
-    for t in (tmp_bags, tmp_pix):
-      if os.path.exists(t):
-        os.remove(t)
-    raise
-  bag_writer.close()
-  pix_writer.close()
+    if not complete:
+      for t in (tmp_bags, tmp_pix):
+        if os.path.exists(t):
+          os.remove(t)
   os.replace(tmp_pix, pix)
   os.replace(tmp_bags, bag_shard)
   return {"bags": n_bags, "patches": n_patches, "bag_bytes": os.path.getsize(bag_shard),

@@ -11,7 +11,8 @@ cut into its patches), JPEG-encoded, joined with its captions, and written as on
 
 Resumable and atomic: a slide's shard pair `bags-<slide>.array_record` and
 `pixels-<slide>.array_record` (records.write_slide_shards) is written under temporary names
-and renamed, then a done marker `.tile/done/<slide>.json` records its counts and sizes. A rerun with the same --out skips slides with a valid marker and does the rest;
+and renamed, then a done marker `.tile/done/<slide>.json` records its counts and sizes. A
+rerun with the same --out skips slides with a valid marker and does the rest;
 `manifest.json` is removed at the start of a run and written last, so a reader
 (`records.open_records`) refuses a directory whose run has not finished.
 

@@ -82,7 +82,8 @@ def layer_norm(*, name: str, eps: float, dtype: Dtype, param_dtype: Dtype) -> nn
 def gelu_erf(x: Array) -> Array:
   """Exact (erf) GELU, torch nn.GELU's default. Written with a multiply by 1/sqrt(2):
   jax.nn.gelu(approximate=False) divides, which made a ViT-B MLP's fwd+bwd 15% slower on
-  XLA's CPU backend (`pathjax bench encoders`); the results agree to float32 rounding."""
+  XLA's CPU backend (an A/B of the two in one process; `pathjax bench encoders` prints the
+  whole model's rate); the results agree to float32 rounding."""
   return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
 
 
@@ -137,7 +138,8 @@ class Attention(nn.Module):
 
     Heads-major operands make the two batched matmuls plain [b*h] batches: XLA's CPU
     backend ran jax.nn.dot_product_attention's [batch, len, heads] layout 1.4x slower
-    (fwd+bwd, ViT-B/16 shapes; `pathjax bench encoders`).
+    (fwd+bwd at ViT-B/16 shapes, an A/B in one process; the whole ViT-B/16 gained about 8%
+    in `pathjax bench encoders`).
     """
     q, k, v = (t.swapaxes(1, 2) for t in (q, k, v))                # [b, h, len, d]
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
