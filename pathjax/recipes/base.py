@@ -37,7 +37,8 @@ class Recipe(Protocol):
     """Named jittable functions of a trained model, an open set picked by key, e.g.
     {"image": f(uint8 NHWC) -> [N, E], "text": f(ids) -> [N, E]} for a patch model, or
     "slide", "region", "generate" for slide-level recipes. Evaluation tasks and
-    `pathjax embed` ask for the keys they need (pathjax.evaluate.registry)."""
+    `pathjax embed` ask for the keys they need (pathjax.evaluate.registry). Only builds
+    closures: `predict_fns(None)` must work, to list the keys."""
 
   def export(self, params: Any) -> dict[str, Any]:
     """Towers to write into a model directory (see pathjax.models.model_dir)."""
