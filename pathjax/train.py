@@ -293,7 +293,7 @@ def make_train_step(recipe, tx: optax.GradientTransformation, schedule: optax.Sc
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics)
-    metrics.update(loss=loss, learning_rate=schedule(state.step), grad_norm=optax.global_norm(grads))
+    metrics.update(loss=loss, learning_rate=schedule(state.step), grad_norm=optax.tree.norm(grads))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
