@@ -457,7 +457,8 @@ def _amount(f: float) -> str:
 def slide_report_text(fractions: Mapping[str, float], rng, style: int | None = None) -> str:
   """A report describing a slide's tissue composition in one of several phrasings.
 
-  Every phrasing names the dominant class first and every class covering >= 3% of the
+  Every phrasing names the dominant class first (its report name, after a diagnosis line
+  in some phrasings) and every other class covering >= 3% of the
   tissue with a quantity word (and, in two phrasings, its approximate percentage), so
   reports tell slides apart by composition.
   """
@@ -477,7 +478,7 @@ def slide_report_text(fractions: Mapping[str, float], rng, style: int | None = N
     text = f"Sections show {_amount(dom_f)} {name[dom]}"
     text += f" with {listing(rest)}." if rest else "."
   elif style == 1:
-    text = f"{_DIAGNOSIS[dom]}. The specimen consists of {_REPORT_DETAIL[dom]}"
+    text = f"{_DIAGNOSIS[dom]}. The specimen consists mostly of {name[dom]} ({_REPORT_DETAIL[dom]})"
     text += f", accompanied by {listing(rest)}." if rest else "."
   elif style == 2:
     text = f"Microscopic description: {name[dom]} makes up about {round(dom_f * 20) * 5}% of the tissue"
