@@ -364,56 +364,117 @@ def _np_dtype(name: str):
   return np.float16
 
 
-def embed_one(job: SlideJob, encoder: Encoder, opts: EmbedOptions, out_dir: str) -> dict[str, Any]:
-  """Embeds one slide, writes its file and done marker; returns the marker (never raises for
-  a bad slide: the marker then says `status: skipped` with the reason)."""
+def _slide_events(jobs: Sequence[SlideJob], opts: EmbedOptions, batch_size: int) -> Iterator[tuple]:
+  """("start", job, plan, t0) / ("batch", job, pixels, real) / ("end", job) /
+  ("fail", job, exception, t0) for each slide in turn: planning and reading of the next slide
+  run (on the prefetch thread) while the device still works on the last batches of this one."""
+  for job in jobs:
+    t0 = time.perf_counter()
+    try:
+      plan = (plan_slide if job.kind == "slide" else plan_records)(job.path, opts)
+    except Exception as e:  # noqa: BLE001 - reported per slide by the consumer
+      yield ("fail", job, e, t0)
+      continue
+    yield ("start", job, plan, t0)
+    try:
+      for batch, real in patch_batches(plan, batch_size):
+        yield ("batch", job, batch, real)
+    except Exception as e:  # noqa: BLE001
+      yield ("fail", job, e, t0)
+      continue
+    yield ("end", job)
+
+
+def _skip_stats(stats: dict, e: BaseException) -> None:
+  from pathjax.wsi.slide import SlideError
+  if isinstance(e, SkipSlide):
+    stats.update(status="skipped", reason=e.reason, message=str(e))
+  else:
+    reason = e.reason if isinstance(e, SlideError) else "error"
+    stats.update(status="skipped", reason=reason, message=f"{type(e).__name__}: {e}")
+
+
+def embed_jobs(jobs: Sequence[SlideJob], encoder: Encoder, opts: EmbedOptions, out_dir: str,
+               on_done=None) -> list[dict[str, Any]]:
+  """Embeds slides in order, each into its file with its done marker; returns the markers.
+
+  Never raises for a bad slide: its marker says `status: skipped` with the reason. Host
+  reads run one prefetch thread ahead, across slide boundaries; one device result stays in
+  flight while the next batch is dispatched.
+  """
   import jax
 
   from pathjax.convert.safetensors_io import save_safetensors
-  t0 = time.perf_counter()
-  stats: dict[str, Any] = {"slide_id": job.slide_id, "path": job.path, "status": "done",
-                           "encoder_hash": encoder.hash, "options": opts.to_json()}
-  try:
-    plan = (plan_slide if job.kind == "slide" else plan_records)(job.path, opts)
-    n = len(plan.grid)
-    feats = np.empty((n, encoder.dim), _np_dtype(opts.dtype))
-    t_read = time.perf_counter()
-    pending = []  # device results not yet fetched: keeps the device busy while the host reads
-    pos = 0
-    for batch, real in _prefetch(patch_batches(plan, encoder.batch_size)):
-      pending.append((encoder(batch), pos, real))
-      pos += real
-      if len(pending) > 1:
-        out, p, r = pending.pop(0)
-        feats[p:p + r] = np.asarray(jax.device_get(out))[:r].astype(feats.dtype)
-    for out, p, r in pending:
-      feats[p:p + r] = np.asarray(jax.device_get(out))[:r].astype(feats.dtype)
-    if pos != n:
-      raise RuntimeError(f"{job.path}: embedded {pos} of {n} patches")
-  except SkipSlide as e:
-    stats.update(status="skipped", reason=e.reason, message=str(e))
-  except Exception as e:  # noqa: BLE001 - one slide's failure is counted, the run goes on
-    from pathjax.wsi.slide import SlideError
-    reason = e.reason if isinstance(e, SlideError) else "error"
-    stats.update(status="skipped", reason=reason, message=f"{type(e).__name__}: {e}")
-  if stats["status"] == "done":
-    path = slide_file(out_dir, job.slide_id)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    meta = {"format_version": str(FORMAT_VERSION), "slide_id": job.slide_id,
-            "magnification": f"{opts.magnification:g}", "patch_size": str(opts.patch_size),
-            "extent": f"{plan.extent:g}", "encoder": encoder.name, "encoder_hash": encoder.hash,
-            "dim": str(encoder.dim), "dtype": opts.dtype, "source": job.path}
-    save_safetensors({"features": feats, "grid": plan.grid, "coords": plan.coords,
-                      "tissue": plan.tissue}, tmp, metadata=meta)
-    os.replace(tmp, path)
-    stats.update(patches=n, file=os.path.relpath(path, out_dir), bytes=os.path.getsize(path),
-                 read_and_embed_seconds=round(time.perf_counter() - t_read, 3), **plan.info)
-  else:
-    stats["patches"] = 0
-  stats["seconds"] = round(time.perf_counter() - t0, 3)
-  _atomic_json(_marker_path(out_dir, job.slide_id), stats)
-  return stats
+  results: list[dict[str, Any]] = []
+  state: dict[str, Any] = {}
+  pending: list[tuple] = []  # (device result, slide state, position, real)
+
+  def retire(item):
+    out, st, p, r = item
+    st["feats"][p:p + r] = np.asarray(jax.device_get(out))[:r].astype(st["feats"].dtype)
+
+  def finish(st: dict, error: BaseException | None = None) -> None:
+    job, stats = st["job"], st["stats"]
+    if error is not None:
+      _skip_stats(stats, error)
+    if stats["status"] == "done":
+      plan = st["plan"]
+      path = slide_file(out_dir, job.slide_id)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      tmp = f"{path}.tmp-{os.getpid()}"
+      meta = {"format_version": str(FORMAT_VERSION), "slide_id": job.slide_id,
+              "magnification": f"{opts.magnification:g}", "patch_size": str(opts.patch_size),
+              "extent": f"{plan.extent:g}", "encoder": encoder.name, "encoder_hash": encoder.hash,
+              "dim": str(encoder.dim), "dtype": opts.dtype, "source": job.path}
+      save_safetensors({"features": st["feats"], "grid": plan.grid, "coords": plan.coords,
+                        "tissue": plan.tissue}, tmp, metadata=meta)
+      os.replace(tmp, path)
+      stats.update(patches=len(plan.grid), file=os.path.relpath(path, out_dir),
+                   bytes=os.path.getsize(path),
+                   read_and_embed_seconds=round(time.perf_counter() - st["t_read"], 3), **plan.info)
+    else:
+      stats["patches"] = 0
+    stats["seconds"] = round(time.perf_counter() - st["t0"], 3)
+    _atomic_json(_marker_path(out_dir, job.slide_id), stats)
+    results.append(stats)
+    if on_done is not None:
+      on_done(stats)
+
+  def new_state(job, t0):
+    return {"job": job, "t0": t0, "t_read": time.perf_counter(), "pos": 0,
+            "stats": {"slide_id": job.slide_id, "path": job.path, "status": "done",
+                      "encoder_hash": encoder.hash, "options": opts.to_json()}}
+
+  for event in _prefetch(_slide_events(jobs, opts, encoder.batch_size)):
+    kind, job = event[0], event[1]
+    if kind == "fail":
+      st = state.pop(job.slide_id, None) or new_state(job, event[3])
+      pending[:] = [item for item in pending if item[1] is not st]
+      finish(st, event[2])
+    elif kind == "start":
+      st = state[job.slide_id] = new_state(job, event[3])
+      st["plan"] = event[2]
+      st["feats"] = np.empty((len(event[2].grid), encoder.dim), _np_dtype(opts.dtype))
+    elif kind == "batch":
+      st = state[job.slide_id]
+      pending.append((encoder(event[2]), st, st["pos"], event[3]))
+      st["pos"] += event[3]
+      while len(pending) > 1:
+        retire(pending.pop(0))
+    else:  # end: fetch this slide's remaining results, write it
+      st = state.pop(job.slide_id)
+      while pending:
+        retire(pending.pop(0))
+      error = None
+      if st["pos"] != len(st["plan"].grid):
+        error = RuntimeError(f"{job.path}: embedded {st['pos']} of {len(st['plan'].grid)} patches")
+      finish(st, error)
+  return results
+
+
+def embed_one(job: SlideJob, encoder: Encoder, opts: EmbedOptions, out_dir: str) -> dict[str, Any]:
+  """Embeds one slide (see embed_jobs); returns its marker."""
+  return embed_jobs([job], encoder, opts, out_dir)[0]
 
 
 def _valid_marker(out_dir: str, job: SlideJob, opts: EmbedOptions, encoder_hash: str) -> dict | None:
@@ -589,8 +650,8 @@ def embed_slides(model_dir: str, out_dir: str, *, magnification: float,
       f"{encoder.in_sharding.mesh.size} device(s)")
   t0 = time.perf_counter()
   counts = {"slides": len(mine), "resumed": resumed, "embedded": 0, "skipped": 0, "patches": 0}
-  for k, j in enumerate(todo):
-    m = embed_one(j, encoder, opts, out_dir)
+
+  def on_done(m):
     if m["status"] == "done":
       counts["embedded"] += 1
       counts["patches"] += m["patches"]
@@ -600,7 +661,8 @@ def embed_slides(model_dir: str, out_dir: str, *, magnification: float,
       counts["skipped"] += 1
       what = f"skipped ({m['reason']}): {m.get('message', '')}"
     if progress:
-      log(f"[{k + 1}/{len(todo)}] {j.slide_id}: {what}")
+      log(f"[{counts['embedded'] + counts['skipped']}/{len(todo)}] {m['slide_id']}: {what}")
+  embed_jobs(todo, encoder, opts, out_dir, on_done=on_done)
   counts["seconds"] = round(time.perf_counter() - t0, 3)
   _atomic_json(os.path.join(out_dir, STATE_DIR, f"process-{pi:05d}-of-{pc:05d}.json"), counts)
   if barrier is None:
