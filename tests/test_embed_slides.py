@@ -210,3 +210,32 @@ def test_records_source(tiny_slides, model, encoder, tmp_path):
   res = es.embed_slides(model, str(tmp_path / "out20"), magnification=20, records_dir=rec,
                         encoder=encoder, progress=False)
   assert res["manifest"]["skipped"]["by_reason"] == {"magnification_unavailable": 2}
+
+
+@pytest.mark.slow
+def test_two_real_processes_with_the_launcher(tiny_slides, model, embedded, tmp_path):
+  """launch/local_multiprocess.sh: 2 JAX processes x 2 devices split the slides; process 0
+  writes the manifest after the barrier; features equal the one-process run's."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = str(tmp_path / "out")
+  cmd = ["bash", os.path.join(root, "launch", "local_multiprocess.sh"), "2", sys.executable, "-m",
+         "pathjax", "embed-slides", "--model", model, "--slides",
+         os.path.join(os.path.dirname(tiny_slides.slide_paths[0]), "*.svs"), "--magnification",
+         "10", "--out", out, "--batch-size", "16"]
+  env = dict(os.environ, DEVICES="2", LOGDIR=str(tmp_path), PYTHONPATH=root,
+             PORT=str(20000 + os.getpid() % 20000 + 7))
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  logs = [open(tmp_path / f"pathjax_proc_{i}.log").read() for i in (0, 1)]
+  assert proc.returncode == 0, proc.stderr[-2000:] + "\n".join(l[-2000:] for l in logs)
+  parts = [json.load(open(os.path.join(out, es.STATE_DIR, f"process-{i:05d}-of-00002.json")))
+           for i in (0, 1)]
+  assert [p["embedded"] for p in parts] == [2, 1]  # 3 slides dealt round-robin
+  assert "wrote" in logs[0] and "wrote" not in logs[1]
+  two, one = es.open_slide_embeddings(out), es.open_slide_embeddings(embedded[0])
+  assert two.manifest["process_count"] == 2 and two.slide_ids == one.slide_ids
+  for sid in one.slide_ids:
+    np.testing.assert_allclose(two[sid].features.astype(np.float32),
+                               one[sid].features.astype(np.float32), rtol=1e-2, atol=1e-3)
