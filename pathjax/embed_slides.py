@@ -550,8 +550,11 @@ def _check_options(out_dir: str, opts: EmbedOptions, encoder: Encoder) -> None:
           f"{str(theirs.get('encoder_hash'))[:12]}, dim {theirs.get('dim')}); this run's encoder is "
           f"{encoder.name!r} (hash {encoder.hash[:12]}, dim {encoder.dim}); use a new --out")
     if theirs.get("options") != mine["options"]:
-      raise EmbedSlidesError(f"{out_dir} was made with options {theirs.get('options')}; this run "
-                             f"asks for {mine['options']}; use a new --out")
+      old, new = theirs.get("options") or {}, mine["options"]
+      diff = ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
+                       for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+      raise EmbedSlidesError(f"{out_dir} was made with other options ({diff}); use a new --out "
+                             "or the same options")
     return
   _atomic_json(path, mine)
 
