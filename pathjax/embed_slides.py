@@ -194,6 +194,9 @@ def plan_slide(path: str, opts: EmbedOptions) -> PatchPlan:
   except slide_lib.SlideError as e:
     slide.close()
     raise SkipSlide(e.reason, str(e)) from e
+  except BaseException:
+    slide.close()
+    raise
   positions = grid_lib.root_positions(*slide.dimensions, extent)
   info = {"magnification_source": slide.magnification_source, "slide_magnification": slide.magnification,
           "mpp": slide.mpp, "dimensions": list(slide.dimensions), "grid_patches": len(positions)}
