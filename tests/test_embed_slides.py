@@ -20,7 +20,7 @@ PATCH = 32  # = the tiny model's image size; 10x on a 40x slide: 128 level-0 px 
 
 def _model(path, width=32, seed=0):
   vision = ViT(width=width, depth=2, num_heads=4, mlp_dim=64, patch_size=16, image_size=PATCH)
-  params = vision.init(jax.random.PRNGKey(seed), np.zeros((1, PATCH, PATCH, 3), np.float32))["params"]
+  params = jax.jit(vision.init)(jax.random.PRNGKey(seed), np.zeros((1, PATCH, PATCH, 3), np.float32))["params"]
   return md.save_model_dir(str(path), {"vision": dict(kind="vit", module=vision, params=params,
                                                       projection=None)},
                            preprocess={"image_size": PATCH, "mean": [0.5] * 3, "std": [0.25] * 3},
