@@ -10,6 +10,7 @@ BENCHES = {
     "input": "pathjax.bench.input",
     "train": "pathjax.bench.train",
     "eval": "pathjax.bench.eval",
+    "embed-slides": "pathjax.bench.embed_slides",
 }
 
 
