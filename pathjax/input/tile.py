@@ -500,8 +500,11 @@ def _run_pool(jobs: list[tuple], workers: int, on_result: Callable[[SlideRef, di
     try:
       while (pending or inflight) and not broken:
         while pending and len(inflight) < workers:
-          job = pending.pop(0)
-          inflight[pool.submit(_job, job)] = job
+          try:
+            inflight[pool.submit(_job, pending[0])] = pending[0]
+          except futures.process.BrokenProcessPool:
+            break  # a worker died meanwhile; the futures in flight say which
+          pending.pop(0)
         done, _ = futures.wait(inflight, return_when=futures.FIRST_COMPLETED)
         for fut in done:
           job = inflight.pop(fut)
