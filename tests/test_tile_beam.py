@@ -110,7 +110,7 @@ def test_beam_corrupt_slide_one_skip_and_transient_retry(tiny_slides, tmp_path, 
   # leaves no manifest, and a rerun finishes.
   failures["synth-001"] = 10
   out2 = tmp_path / "out2"
-  with pytest.raises(Exception, match="Input/output error"):
+  with pytest.raises(tile.TileIncompleteError, match="Input/output error"):
     _tile(str(d / "*.svs"), tiny_slides.captions_path, out2, runner="beam", beam_args=IN_PROCESS)
   assert not os.path.exists(out2 / "manifest.json")
   failures["synth-001"] = 0

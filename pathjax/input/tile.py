@@ -628,8 +628,16 @@ def tile_slides(slide_paths: Sequence[str] | str, captions_path: str | None, out
     from pathjax.input import tile_beam
     if slide_fn is not None:
       raise TileError("slide_fn is for the local runner")
-    run = tile_beam.run(refs, captions_path, out_dir, opts, workers=workers, beam_args=beam_args,
-                        retry_skipped=retry_skipped)
+    try:
+      run = tile_beam.run(refs, captions_path, out_dir, opts, workers=workers, beam_args=beam_args,
+                          retry_skipped=retry_skipped)
+    except TileError:
+      raise
+    except Exception as e:  # the runner gave up on a slide (its retries are spent) or its setup failed
+      lines = [l for l in str(e).strip().splitlines() if l.strip()] or [type(e).__name__]
+      raise TileIncompleteError(
+          f"the Beam pipeline failed: {lines[-1][:800]}. Slides that finished are kept: rerun with "
+          "the same --out to finish", [], {}) from e
     results, captions = run["results"], run["captions"]
   else:
     caption_index = captions_lib.load_captions(captions_path) if captions_path else captions_lib.empty_index()
