@@ -163,14 +163,18 @@ def listdir(path: str) -> list[str]:
     return []
 
 
-def glob(pattern: str) -> list[str]:
-  """Sorted matches of a glob (`**` recursive); remote matches keep their protocol."""
+def glob_files(pattern: str) -> list[str]:
+  """Sorted files (not directories) matching a glob (`**` recursive); remote matches keep
+  their protocol and are listed with one request per directory, not one per file."""
   if is_remote(pattern):
     fs = _fs(pattern)
     protocol = pattern.split("://", 1)[0]
-    return sorted(p if "://" in p else f"{protocol}://{p}" for p in fs.glob(pattern))
+    found = fs.glob(pattern, detail=True)
+    return sorted(p if "://" in p else f"{protocol}://{p}"
+                  for p, d in found.items() if d.get("type") != "directory")
   import glob as glob_lib
-  return sorted(glob_lib.glob(os.path.expanduser(local_path(pattern)), recursive=True))
+  return sorted(p for p in glob_lib.glob(os.path.expanduser(local_path(pattern)), recursive=True)
+                if not os.path.isdir(p))
 
 
 def has_magic(pattern: str) -> bool:

@@ -135,7 +135,7 @@ def shard_name(slide_id: str) -> str:
 
 
 def _normalise(path: str) -> str:
-  return path if storage.is_remote(path) else os.path.abspath(storage.local_path(path))
+  return path if storage.is_remote(path) else os.path.abspath(os.path.expanduser(storage.local_path(path)))
 
 
 def expand_slides(pattern_or_paths: str | Sequence[str]) -> list[str]:
@@ -143,9 +143,11 @@ def expand_slides(pattern_or_paths: str | Sequence[str]) -> list[str]:
   patterns = [pattern_or_paths] if isinstance(pattern_or_paths, str) else list(pattern_or_paths)
   paths: list[str] = []
   for p in patterns:
-    matches = storage.glob(p)
-    paths += matches if matches or storage.has_magic(p) else [p]
-  return sorted(dict.fromkeys(_normalise(p) for p in paths if not storage.isdir(p)))
+    if storage.has_magic(p):
+      paths += storage.glob_files(p)
+    elif not storage.isdir(p):
+      paths.append(p)  # a named file, even a missing one: it is then a counted skip
+  return sorted(dict.fromkeys(_normalise(p) for p in paths))
 
 
 def plan_slides(paths: Sequence[str]) -> list[SlideRef]:
