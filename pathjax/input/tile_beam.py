@@ -128,7 +128,6 @@ def run(refs: Sequence[tile.SlideRef], captions_path: str | None, out_dir: str, 
       line_items = p | "NoLines" >> beam.Create([])
     tiled = ({"slide": slides, "captions": entries}
              | "JoinBySlide" >> beam.CoGroupByKey()
-             | "Reshuffle" >> beam.Reshuffle()  # spread the slides over the workers
              | "TileSlide" >> beam.FlatMap(TileSlide(out_dir, opts, retry_skipped)))
     _ = ((tiled, line_items) | "All" >> beam.Flatten()
          | "Gather" >> beam.combiners.ToList()
