@@ -516,6 +516,37 @@ def load_sharded(path: str, shardings: Mapping[str, Any], *, dtype=None,
   return place(reader, plan)
 
 
+# ------------------------------------------------------------------------ converter helpers
+def shape_of(sd: Mapping[str, Any], key: str) -> tuple[int, ...]:
+  """A tensor's shape without reading it when `sd` is a reader (or a view of one)."""
+  if hasattr(sd, "shape") and callable(sd.shape):
+    return tuple(sd.shape(key))
+  return tuple(np.shape(sd[key]))
+
+
+class PrefixView(Mapping[str, Any]):
+  """The tensors of `sd` under `prefix`, with the prefix stripped; lazy over a reader."""
+
+  def __init__(self, sd: Mapping[str, Any], prefix: str):
+    self.sd, self.prefix = sd, prefix
+    self._keys = [k[len(prefix):] for k in sd if k.startswith(prefix)]
+
+  def __getitem__(self, key: str):
+    return self.sd[self.prefix + key]
+
+  def __iter__(self):
+    return iter(self._keys)
+
+  def __len__(self):
+    return len(self._keys)
+
+  def __contains__(self, key: object) -> bool:
+    return isinstance(key, str) and (self.prefix + key) in self.sd
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return shape_of(self.sd, self.prefix + key)
+
+
 # ------------------------------------------------------------------------- checking trees
 def _listing(names: Iterable[str], limit: int = 40) -> str:
   names = sorted(names)
