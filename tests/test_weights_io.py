@@ -3,6 +3,7 @@ read, checkpoints read lazily (one tensor at a time) from sharded indexes."""
 
 import ml_dtypes
 import numpy as np
+import pytest
 
 from pathjax.convert import safetensors_io as sio
 from pathjax.convert import timm_vit
@@ -61,3 +62,32 @@ def test_model_dir_written_as_shards_loads_the_same(tmp_path):
   two = md.load_model_dir(str(tmp_path / "sharded"))
   images = np.random.default_rng(0).integers(0, 255, (2, 224, 224, 3), np.uint8)
   np.testing.assert_array_equal(one.encode_image(images), two.encode_image(images))
+
+
+def test_place_tower_streams_a_model_dir_into_shardings(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from pathjax.tree_utils import flatten
+  from safetensors.numpy import save_file
+  save_file(timm_state_dict(), str(tmp_path / "vit.safetensors"))
+  out = tmp_path / "m"
+  assert run_convert("--vision", str(tmp_path / "vit.safetensors"), "--num-heads", "4",
+                     "--out", str(out)) == 0
+  model = md.load_model_dir(str(out))
+  params = flatten(model.towers["vision"].params)
+  mesh = Mesh(np.asarray(jax.devices()[:8]), ("fsdp",))
+  shard = lambda v: NamedSharding(mesh, P("fsdp") if v.shape and v.shape[0] % 8 == 0 else P())
+  abstract = {k: jax.ShapeDtypeStruct(v.shape, jnp.bfloat16, sharding=shard(v))
+              for k, v in params.items()}
+  placed = md.place_tower(str(out), "vision", abstract)
+  assert placed.keys() == params.keys()
+  for k, v in placed.items():
+    assert v.dtype == jnp.bfloat16 and v.sharding == abstract[k].sharding
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(params[k]).astype(ml_dtypes.bfloat16))
+  bad = dict(abstract)
+  del bad["norm/scale"]
+  bad["extra/kernel"] = abstract["norm/bias"]
+  with pytest.raises(md.ModelDirError, match=r"missing keys \(1\): extra/kernel"
+                                             r"[\s\S]*unexpected keys \(1\): norm/scale"):
+    md.place_tower(str(out), "vision", bad)

@@ -374,16 +374,50 @@ def read_model_json(path: str) -> dict[str, Any]:
   return meta
 
 
+def params_reader(path: str):
+  """A lazy reader over DIR's params (one file, or shards with an index)."""
+  index, single = os.path.join(path, PARAMS_INDEX), os.path.join(path, PARAMS_FILE)
+  file = index if os.path.isfile(index) else single
+  if not os.path.isfile(file):
+    raise ModelDirError(f"{path} has no {PARAMS_FILE} (or {PARAMS_INDEX})")
+  try:
+    return open_safetensors(file)
+  except WeightsError as e:
+    raise ModelDirError(f"cannot read the params file {file}: {e}") from e
+
+
+def place_tower(path: str, tower: str, abstract: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """One tower's params streamed from DIR straight into their shardings, tensor by tensor.
+
+  `abstract`: flat "a/b/c" paths (relative to the tower's params) -> jax.ShapeDtypeStruct
+  carrying a sharding (e.g. a train-state layout's params); values are cast to its dtype.
+  Names and shapes are checked from the file headers before anything is read. Host memory
+  stays near the largest tensor (see safetensors_io.place); returns flat path -> jax.Array.
+  """
+  from pathjax.convert import safetensors_io as sio
+  meta = read_model_json(path)
+  if tower not in meta["towers"]:
+    raise ModelDirError(f"the model in {path} has no {tower} tower (towers: "
+                        f"{', '.join(meta['towers'])})")
+  reader = params_reader(path)
+  prefix = f"{tower}/params/"
+  stored = {k[len(prefix):]: jax.ShapeDtypeStruct(reader.shape(k), reader.dtype(k))
+            for k in reader if k.startswith(prefix)}
+  try:
+    check_tree(unflatten(dict(abstract)), unflatten(stored), what=f"{tower} tower params",
+               source=reader.path)
+  except WeightsError as e:
+    raise ModelDirError(str(e)) from e
+  plan = {k: sio.Target(prefix + k, a.sharding, dtype=a.dtype) for k, a in abstract.items()}
+  return sio.place(reader, plan)
+
+
 def load_model_dir(path: str, *, dtype=jnp.float32, towers: Sequence[str] | None = None) -> Model:
   """Loads a model directory, checking every tensor's name and shape against the modules."""
   meta = read_model_json(path)
-  file = os.path.join(path, PARAMS_FILE)
-  if os.path.isfile(os.path.join(path, PARAMS_INDEX)):
-    file = os.path.join(path, PARAMS_INDEX)
-  elif not os.path.isfile(file):
-    raise ModelDirError(f"{path} has no {PARAMS_FILE} (or {PARAMS_INDEX})")
+  reader = params_reader(path)
+  file = reader.path
   try:
-    reader = open_safetensors(file)
     tensors = {key: reader.get(key) for key in reader}
   except WeightsError as e:
     raise ModelDirError(f"cannot read the params file {file}: {e}") from e
