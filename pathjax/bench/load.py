@@ -9,7 +9,7 @@ end unless --keep), then in the same run:
    posix_fadvise(DONTNEED) (no root needed; /proc/sys/vm/drop_caches is not writable in a
    container), then read with plain 16 MiB `readinto` calls into one reused buffer;
 2. load: the page cache is dropped again and a fresh Python process (so its peak RSS is its
-   own) with 8 fake CPU devices reads the index through `safetensors_io.load_sharded` into
+   own) with 8 fake CPU devices reads the index through `safetensors_io.place` into
    FSDP shardings (2-D tensors split on axis 0 over 8 devices, 1-D ones replicated).
 
 On CPU the "devices" live in host memory, so the loader's host overhead is the resident set
