@@ -11,6 +11,7 @@ BENCHES = {
     "train": "pathjax.bench.train",
     "eval": "pathjax.bench.eval",
     "embed-slides": "pathjax.bench.embed_slides",
+    "load": "pathjax.bench.load",
 }
 
 
