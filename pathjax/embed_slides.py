@@ -108,10 +108,10 @@ def vision_hash(model) -> str:
   """sha256 over the vision tower's parameters (names, shapes, dtypes, bytes) and projection."""
   import jax
 
-  from pathjax.tree_utils import flatten
+  from flax.traverse_util import flatten_dict
   tower = model.towers["vision"]
   h = hashlib.sha256()
-  items = sorted(flatten(jax.device_get(tower.params)).items())
+  items = sorted(flatten_dict(jax.device_get(tower.params), sep="/").items())
   if tower.projection is not None:
     items.append(("projection", jax.device_get(tower.projection)))
   for name, value in items:

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pathjax.tree_utils import flatten, unflatten
+from flax.traverse_util import flatten_dict, unflatten_dict
 from pathjax.models.text import TextTransformer
 from pathjax.models.vit import ViT, variant_fields
 
@@ -19,13 +19,13 @@ def _images(n=2, size=32, seed=0):
 
 def unstack(params, depth):
   """Scanned params (encoder/blocks stacked on axis 0) -> unscanned (encoder/blocks_{i})."""
-  flat = flatten(nn.unbox(params))
+  flat = flatten_dict(nn.unbox(params), sep="/")
   out = {k: v for k, v in flat.items() if not k.startswith("encoder/blocks/")}
   for k, v in flat.items():
     if k.startswith("encoder/blocks/"):
       for i in range(depth):
         out[k.replace("encoder/blocks/", f"encoder/blocks_{i}/")] = v[i]
-  return unflatten(out)
+  return unflatten_dict(out, sep="/")
 
 
 @pytest.mark.parametrize("kw, prefix", [
@@ -84,7 +84,7 @@ def test_scan_and_unscanned_agree(kind):
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   # The unscanned init has the same names as the unstacked tree.
   ref = plain.init(jax.random.PRNGKey(1), x)["params"]
-  assert set(flatten(ref)) == set(flatten(unstack(params, scanned.depth)))
+  assert set(flatten_dict(ref, sep="/")) == set(flatten_dict(unstack(params, scanned.depth), sep="/"))
 
 
 @pytest.mark.parametrize("remat, scan", [("full", True), ("dots_no_batch", True), ("dots", False)])

@@ -68,14 +68,14 @@ def test_place_tower_streams_a_model_dir_into_shardings(tmp_path):
   import jax
   import jax.numpy as jnp
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  from pathjax.tree_utils import flatten
+  from flax.traverse_util import flatten_dict
   from safetensors.numpy import save_file
   save_file(timm_state_dict(), str(tmp_path / "vit.safetensors"))
   out = tmp_path / "m"
   assert run_convert("--vision", str(tmp_path / "vit.safetensors"), "--num-heads", "4",
                      "--out", str(out)) == 0
   model = md.load_model_dir(str(out))
-  params = flatten(model.towers["vision"].params)
+  params = flatten_dict(model.towers["vision"].params, sep="/")
   mesh = Mesh(np.asarray(jax.devices()[:8]), ("fsdp",))
   shard = lambda v: NamedSharding(mesh, P("fsdp") if v.shape and v.shape[0] % 8 == 0 else P())
   abstract = {k: jax.ShapeDtypeStruct(v.shape, jnp.bfloat16, sharding=shard(v))

@@ -139,9 +139,9 @@ def _finish_fields(fields, overrides, width):
 def _stack(blocks, scan):
   if not scan:
     return {f"blocks_{i}": b for i, b in enumerate(blocks)}
-  from pathjax.tree_utils import flatten, unflatten
-  flats = [flatten(b) for b in blocks]
-  return {"blocks": unflatten({k: np.stack([f[k] for f in flats]) for k in flats[0]})}
+  from flax.traverse_util import flatten_dict, unflatten_dict
+  flats = [flatten_dict(b, sep="/") for b in blocks]
+  return {"blocks": unflatten_dict({k: np.stack([f[k] for f in flats]) for k in flats[0]}, sep="/")}
 
 
 def _depth(sd, pattern):

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from pathjax.tree_utils import flatten
+from flax.traverse_util import flatten_dict
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -606,8 +606,8 @@ def check_tree(expected: Mapping[str, Any], actual: Mapping[str, Any], *, what: 
   init). The message lists missing and unexpected keys, or names the parameter and both
   shapes.
   """
-  exp = flatten(expected)
-  act = flatten(actual)
+  exp = flatten_dict(expected, sep="/")
+  act = flatten_dict(actual, sep="/")
   missing = set(exp) - set(act)
   unexpected = set(act) - set(exp)
   where = f" ({source})" if source else ""

@@ -254,12 +254,12 @@ def convert_timm_vit(sd: Mapping[str, np.ndarray], *, variant: str | None = None
   r.finish(note=" (features pathjax's ViT does not implement)")  # listed before stacking
 
   from pathjax.convert.safetensors_io import check_tree
-  from pathjax.tree_utils import flatten, unflatten
+  from flax.traverse_util import flatten_dict, unflatten_dict
   for i, b in enumerate(blocks[1:], 1):  # per-layer shapes must agree before stacking
     check_tree(blocks[0], b, what=f"blocks.{i}", source=source)
   if scan:
-    flats = [flatten(b) for b in blocks]
-    params["encoder"] = {"blocks": unflatten({k: np.stack([f[k] for f in flats]) for k in flats[0]})}
+    flats = [flatten_dict(b, sep="/") for b in blocks]
+    params["encoder"] = {"blocks": unflatten_dict({k: np.stack([f[k] for f in flats]) for k in flats[0]}, sep="/")}
   else:
     params["encoder"] = {f"blocks_{i}": b for i, b in enumerate(blocks)}
   if fields.get("pool") == "avg_fc_norm" and layout["final_norm"]:

@@ -21,24 +21,22 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from flax.traverse_util import flatten_dict, unflatten_dict
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pathjax.convert.safetensors_io import (INDEX_SUFFIX, WeightsError, check_tree,
                                             open_safetensors, save_safetensors)
-from pathjax.tree_utils import flatten, unflatten
+from pathjax.input.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 MODEL_JSON = "model.json"
 PARAMS_FILE = "params.safetensors"
 PARAMS_INDEX = "params" + INDEX_SUFFIX
 MAX_SHARD_BYTES = 5 * 10 ** 9  # Hugging Face's default shard size
 TOKENIZER_DIR = "tokenizer"
-# ImageNet statistics: timm's default for UNI / UNI2-h / Virchow etc.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -119,7 +117,7 @@ def save_model_dir(out_dir: str, towers: Mapping[str, Mapping[str, Any]], *,
     params = jax.tree.map(_shape_only, dict(params) if not isinstance(params, dict) else params)
     if check:
       check_tree(abstract_params(kind, module), params, what=f"{name} tower params")
-    for key, value in flatten(params).items():
+    for key, value in flatten_dict(params, sep="/").items():
       tensors[f"{name}/params/{key}"] = value
     projection = tower.get("projection")
     if projection is not None:
@@ -386,11 +384,13 @@ def params_reader(path: str):
     raise ModelDirError(f"cannot read the params file {file}: {e}") from e
 
 
-def place_tower(path: str, tower: str, abstract: Mapping[str, Any]) -> dict[str, jax.Array]:
+def place_tower(path: str, tower: str, abstract: Mapping[str, Any],
+                only: Iterable[str] | None = None) -> dict[str, jax.Array]:
   """One tower's params streamed from DIR straight into their shardings, tensor by tensor.
 
   `abstract`: flat "a/b/c" paths (relative to the tower's params) -> jax.ShapeDtypeStruct
   carrying a sharding (e.g. a train-state layout's params); values are cast to its dtype.
+  The whole tower is checked; `only` (paths) limits what is read and placed.
   Names and shapes are checked from the file headers before anything is read. Host memory
   stays near the largest tensor (see safetensors_io.place); returns flat path -> jax.Array.
   """
@@ -404,11 +404,13 @@ def place_tower(path: str, tower: str, abstract: Mapping[str, Any]) -> dict[str,
   stored = {k[len(prefix):]: jax.ShapeDtypeStruct(reader.shape(k), reader.dtype(k))
             for k in reader if k.startswith(prefix)}
   try:
-    check_tree(unflatten(dict(abstract)), unflatten(stored), what=f"{tower} tower params",
+    check_tree(unflatten_dict(dict(abstract), sep="/"), unflatten_dict(stored, sep="/"), what=f"{tower} tower params",
                source=reader.path)
   except WeightsError as e:
     raise ModelDirError(str(e)) from e
-  plan = {k: sio.Target(prefix + k, a.sharding, dtype=a.dtype) for k, a in abstract.items()}
+  keep = set(abstract) if only is None else set(only)
+  plan = {k: sio.Target(prefix + k, a.sharding, dtype=a.dtype) for k, a in abstract.items()
+          if k in keep}
   return sio.place(reader, plan)
 
 
@@ -438,7 +440,7 @@ def load_model_dir(path: str, *, dtype=jnp.float32, towers: Sequence[str] | None
       continue
     module = build_module(spec["kind"], spec.get("config", {}), dtype=dtype)
     flat = by_tower.get(name, {})
-    params = unflatten({k[len("params/"):]: v for k, v in flat.items() if k.startswith("params/")})
+    params = unflatten_dict({k[len("params/"):]: v for k, v in flat.items() if k.startswith("params/")}, sep="/")
     others = sorted(k for k in flat if not k.startswith("params/") and k != "projection")
     if others:
       raise ModelDirError(f"{file}: unexpected keys {', '.join(f'{name}/{k}' for k in others)}")

@@ -14,7 +14,6 @@ import math
 from typing import Any
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,28 +172,37 @@ class MRPLIPRecipe:
   def load_pretrained(self, abstract: dict[str, jax.ShapeDtypeStruct], wanted: set[str]
                       ) -> dict[str, jax.Array]:
     """Towers from `model.init_dir` (a `pathjax convert` model directory), for the paths in
-    `wanted`, each placed in its sharding; the whole tower is checked against the model."""
+    `wanted`: each tower is checked whole against the model, then its wanted tensors are
+    streamed from the file straight into their shardings."""
     m = self.config.model
     if not m.init_dir:
       return {}
     from pathjax.models import model_dir
     targets = {"vision": "vision_tower", "text": "text_tower"}
+    meta = model_dir.read_model_json(m.init_dir)
+    out: dict[str, jax.Array] = {}
     for tower in m.init_towers:
       if tower not in targets:
         raise ConfigError(f"model.init_towers: unknown tower {tower!r}; valid: {', '.join(targets)}")
-    loaded = model_dir.load_model_dir(m.init_dir, towers=tuple(m.init_towers))
-    source: dict[str, np.ndarray] = {}
-    for tower in m.init_towers:
       name = targets[tower]
-      tower_flat = traverse_util.flatten_dict(loaded.towers[tower].params, sep="/")
-      _check_tower(abstract, name, tower_flat, f"{m.init_dir} {tower} tower")
-      source.update({f"{name}/{k}": v for k, v in tower_flat.items()})
-      projection = loaded.towers[tower].projection
-      if tower == "vision" and projection is not None:
-        _check_tower(abstract, "vision_proj", {"kernel": projection}, f"{m.init_dir} vision projection")
-        source["vision_proj/kernel"] = projection
-    return {path: jax.device_put(np.asarray(value, abstract[path].dtype), abstract[path].sharding)
-            for path, value in source.items() if path in wanted}
+      tower_abstract = {p[len(name) + 1:]: x for p, x in abstract.items() if p.startswith(name + "/")}
+      only = {p[len(name) + 1:] for p in wanted if p.startswith(name + "/")}
+      try:
+        placed = model_dir.place_tower(m.init_dir, tower, tower_abstract, only=only)
+      except model_dir.ModelDirError as e:
+        raise ValueError(f"{m.init_dir} {tower} tower: {e}") from None
+      out.update({f"{name}/{k}": v for k, v in placed.items()})
+      has_projection = meta["towers"].get(tower, {}).get("projection")
+      if tower == "vision" and has_projection and "vision_proj/kernel" in wanted:
+        reader = model_dir.params_reader(m.init_dir)
+        want = abstract["vision_proj/kernel"]
+        if tuple(reader.shape("vision/projection")) != tuple(want.shape):
+          raise ValueError(f"{m.init_dir} vision projection: shape mismatch for vision_proj/kernel: "
+                           f"file has {tuple(reader.shape('vision/projection'))}, the model "
+                           f"expects {tuple(want.shape)}")
+        out["vision_proj/kernel"] = jax.device_put(
+            np.asarray(reader.get("vision/projection"), want.dtype), want.sharding)
+    return out
 
   def train_iterator(self, process_index: int, process_count: int):
     from pathjax.input import pipeline
@@ -347,19 +355,6 @@ class MRPLIPRecipe:
                            mean=list(transforms.IMAGENET_MEAN), std=list(transforms.IMAGENET_STD)),
         "tokenizer_dir": self.config.input.tokenizer,
     }
-
-
-def _check_tower(abstract: dict[str, Any], prefix: str, flat: dict[str, np.ndarray], what: str) -> None:
-  """Raises naming the differences between a loaded tower and the model's parameters."""
-  expected = {p[len(prefix) + 1:]: x for p, x in abstract.items() if p.startswith(prefix + "/")}
-  missing, extra = sorted(expected.keys() - flat.keys()), sorted(flat.keys() - expected.keys())
-  if missing or extra:
-    raise ValueError(f"{what}: parameters differ from the config's model (scan and sizes must "
-                     f"match); missing {missing[:10]}, unexpected {extra[:10]}")
-  for key, value in expected.items():
-    if tuple(value.shape) != tuple(np.shape(flat[key])):
-      raise ValueError(f"{what}: shape mismatch for {key}: file has {tuple(np.shape(flat[key]))}, "
-                       f"the model expects {tuple(value.shape)}")
 
 
 def _variant(cls, variant: str) -> dict[str, Any]:
