@@ -40,6 +40,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pathjax import config_lib, sharding
+from pathjax import workdir as workdir_lib
 from pathjax.tree_utils import flatten
 from pathjax.checkpoint import Checkpointer
 from pathjax.metrics_log import MetricsLogger, read_metrics
@@ -290,7 +291,7 @@ def _export(config, recipe, params, workdir: str) -> str | None:
     return None
   kwargs = dict(exported) if "towers" in exported else {"towers": exported}
   kwargs.setdefault("source", f"pathjax train ({config.recipe})")
-  return model_dir.save_model_dir(os.path.join(workdir, "model"), **kwargs)
+  return model_dir.save_model_dir(os.path.join(workdir, "model"), overwrite=True, **kwargs)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -301,9 +302,15 @@ def train(config, workdir: str, *, recipe=None, devices: Sequence[jax.Device] | 
   """Trains `config` in `workdir` (resuming from its checkpoints); returns the last metrics.
 
   `recipe` defaults to make_recipe(config), `devices` to all devices, `evaluators` to those
-  built from config.evals.
+  built from config.evals. The workdir is checked writable and locked for the run
+  (pathjax.workdir.guard); a preempted run's record has `preempted_at`.
   """
   workdir = os.path.abspath(workdir)
+  with workdir_lib.guard(config, workdir):
+    return _train(config, workdir, recipe=recipe, devices=devices, evaluators=evaluators)
+
+
+def _train(config, workdir: str, *, recipe, devices, evaluators) -> dict:
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)
@@ -331,7 +338,7 @@ def train(config, workdir: str, *, recipe=None, devices: Sequence[jax.Device] | 
     state, start = restored
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   logger = MetricsLogger(workdir, total, int(config.batch_size), enabled=is_main)
-  logger.truncate_after(start)
+  logger.mark_resume(start)
   if is_main:
     how = f"resumed from checkpoint step {start}" if start else "starting from scratch"
     print(f"pathjax train: {how}; {num_params:,} parameters; mesh {dict(mesh.shape)}; "
@@ -346,6 +353,7 @@ def train(config, workdir: str, *, recipe=None, devices: Sequence[jax.Device] | 
       for step in range(start, total):
         batch = sharding.make_global_batch(next(iterator), mesh, rules)
         state, metrics = train_step(state, batch)
+        checkpointer.check_saved()  # a failed background save stops the run here
         done = step + 1
         is_log = done % log_every == 0 or done == total
         is_ckpt = done % ckpt_every == 0 or done == total
