@@ -55,23 +55,33 @@ def format_bytes(n: int | None) -> str:
   return str(n)
 
 
+def check_writable_dir(path: str, what: str, *, create: bool = True) -> None:
+  """Creates directory `path` (if `create`) and proves it writable with a probe file;
+  ConfigError naming `what` and the path otherwise."""
+  try:
+    if create:
+      os.makedirs(path, exist_ok=True)
+    elif not os.path.isdir(path):
+      raise ConfigError(f"{what}: the folder {path} does not exist; create it first or choose "
+                        "another path")
+    fd, probe = tempfile.mkstemp(prefix=".pathjax-write-test-", dir=path)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    reason = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+      reason += f" ({format_bytes(free_bytes(path))} free)"
+    raise ConfigError(f"{what} {path} is not writable: {reason}; choose a path you can write "
+                      "to, or fix its permissions") from None
+
+
 def ensure_writable(workdir: str) -> None:
   """Creates `workdir` (and checkpoints/) and proves both writable; ConfigError otherwise.
 
   A read-only checkpoints/ otherwise shows up minutes later as an Orbax timeout.
   """
   for path in (workdir, os.path.join(workdir, "checkpoints")):
-    try:
-      os.makedirs(path, exist_ok=True)
-      fd, probe = tempfile.mkstemp(prefix=".pathjax-write-test-", dir=path)
-      os.close(fd)
-      os.remove(probe)
-    except OSError as e:
-      reason = e.strerror or str(e)
-      if e.errno == errno.ENOSPC:
-        reason += f" ({format_bytes(free_bytes(path))} free)"
-      raise ConfigError(f"workdir {path} is not writable: {reason}; choose a --workdir you "
-                        "can write to, or fix its permissions") from None
+    check_writable_dir(path, "workdir")
 
 
 class WorkdirLock:

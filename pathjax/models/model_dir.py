@@ -321,6 +321,10 @@ class Model:
         raise ModelDirError(f"the model in {self.path} stores no tokenizer; pass token ids "
                             "(--text-ids) or convert with --tokenizer DIR")
       local = os.path.join(self.path, name)
+      if name == TOKENIZER_DIR and not os.path.isdir(local):
+        raise ModelDirError(f"{os.path.join(self.path, MODEL_JSON)} names the tokenizer directory "
+                            f"{local}, which is missing; copy the tokenizer there or re-export "
+                            "the model with its tokenizer")
       where = local if os.path.isdir(local) else name
       text = self._tower("text").module
       try:
@@ -328,7 +332,8 @@ class Model:
         self._tokenizer = TextTokenizer(load_tokenizer(where), context_length=text.context_length)
       except ImportError:  # pragma: no cover - the tokenize module ships with pathjax
         from transformers import AutoTokenizer
-        self._tokenizer = _HFTokenizer(AutoTokenizer.from_pretrained(where), text.context_length)
+        self._tokenizer = _HFTokenizer(AutoTokenizer.from_pretrained(where, local_files_only=True),
+                                       text.context_length)
       eos = getattr(self._tokenizer, "eos_id", None)
       if text.eos_id >= 0 and eos is not None and eos != text.eos_id:
         raise ModelDirError(f"the tokenizer's end-of-text id {eos} differs from the text "
