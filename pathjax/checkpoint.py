@@ -215,7 +215,11 @@ class Checkpointer:
       self._manager.check_for_errors()
     except Exception as e:
       error = e
-    if error is not None or not os.path.isdir(os.path.join(self.directory, str(step))):
+    # Process 0 commits the step directory; other hosts may not see it yet on a shared file
+    # system, so only process 0 checks it (its failure ends the job through the coordinator).
+    missing = (jax.process_index() == 0
+               and not os.path.isdir(os.path.join(self.directory, str(step))))
+    if error is not None or missing:
       raise self._save_error(step, size, error)
 
   def _save_error(self, step: int, size: int, error: BaseException | None) -> CheckpointSaveError:
