@@ -46,12 +46,16 @@ def main(args) -> int:
   check_train_config(config)
   init_distributed(args)
   from pathjax.checkpoint import CheckpointSaveError
+  from pathjax.models.model_dir import ModelDirError
   from pathjax.train import train
   try:
     final = train(config, args.workdir)
   except CheckpointSaveError as e:
     print(f"pathjax train: error: {e}", file=sys.stderr)
     return EXIT_SAVE_FAILED
+  except ModelDirError as e:  # config.export_model into a path holding something else
+    print(f"pathjax train: error: export: {e}", file=sys.stderr)
+    return 2
   import jax
   if jax.process_index() == 0:
     print("final metrics: " + json.dumps(final, sort_keys=True))
