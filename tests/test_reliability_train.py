@@ -265,6 +265,7 @@ def _flat_leaves(tree):
   return [leaf for leaf in jax.tree.leaves(tree) if hasattr(leaf, "name")]
 
 
+@pytest.mark.slow
 def test_checkpoint_changed_in_place_falls_back_to_the_previous_one(tmp_path):
   import jax  # one device writes one unsharded chunk per array (the layout changed here)
   run, straight = tmp_path / "run", tmp_path / "straight"
