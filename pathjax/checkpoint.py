@@ -254,8 +254,8 @@ class Checkpointer:
       raise CheckpointMismatchError(
           f"checkpoint step {step} in {self.directory} was written for a different model or "
           f"optimizer than the current config builds: {'; '.join(differences)}. Nothing was "
-          f"changed. To continue that run, rerun with its config ({workdir}/config.json; "
-          "earlier ones in config_history/); to start fresh, use a new --workdir or add "
+          f"changed. To continue that run, rerun with its config ({workdir}/config.json); "
+          "to start fresh, use a new --workdir or add "
           "--config.restart=true (moves the old checkpoints and metrics into "
           f"{workdir}/restarted-<time>/, deleting nothing)")
 

@@ -197,7 +197,7 @@ def guard(config, workdir: str):
   check_train_config(config)
   is_main = jax.process_index() == 0
   lock = WorkdirLock(workdir) if is_main else None
-  error = None
+  error = kept = None
   if is_main:
     try:
       ensure_writable(workdir)
@@ -210,7 +210,7 @@ def guard(config, workdir: str):
           if moved:
             print(f"pathjax train: restart: moved the previous run's checkpoints and metrics "
                   f"to {moved}", flush=True)
-      keep_config_history(workdir, current)
+      kept = keep_config_history(workdir, current)
     except (ConfigError, OSError) as e:
       if lock is not None:
         lock.release()
@@ -219,6 +219,16 @@ def guard(config, workdir: str):
   _agree(error is None, error)
   try:
     yield
+  except ConfigError as e:
+    # The checkpoints belong to the previous config: config.json goes back to it, so the
+    # message's "rerun with WORKDIR/config.json" holds (the refused one is not recorded).
+    from pathjax.checkpoint import CheckpointMismatchError
+    if isinstance(e, CheckpointMismatchError) and kept and is_main:
+      tmp = os.path.join(workdir, CONFIG_FILE + ".restore.tmp")
+      shutil.copy2(kept, tmp)
+      os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+      os.remove(kept)
+    raise
   finally:
     if lock is not None:
       lock.release()

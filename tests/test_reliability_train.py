@@ -59,8 +59,13 @@ def test_changed_model_config_raises_and_keeps_every_checkpoint_and_metric(tmp_p
   assert not os.path.exists(tmp_path / "corrupt_checkpoints")
   with open(tmp_path / "metrics.jsonl") as f:
     assert f.read() == metrics
+  # config.json still names the config that wrote the checkpoints (the message says so).
+  assert json.load(open(tmp_path / "config.json"))["model"]["hidden"] == 32
+  assert "config.json" in message
+  train(toy_config(total_steps=6, log_every=1, checkpoint_every=2), tmp_path)  # resumes
+  assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
   history = glob.glob(str(tmp_path / "config_history" / "config-*.json"))
-  assert len(history) == 1 and json.load(open(history[0]))["model"]["hidden"] == 32
+  assert len(history) == 1 and json.load(open(history[0]))["total_steps"] == 4
 
 
 def test_restart_moves_the_old_run_aside_and_a_rerun_resumes(tmp_path, capsys):
