@@ -4,12 +4,23 @@ A subcommand module defines `register(parser)` (its arguments) and `main(args) -
 `--config.a.b=value` overrides are split off before argparse and reach the subcommand as
 `args.config_overrides`; a subcommand that takes `--config` applies them with
 `pathjax.config_lib.load_config`.
+
+Exit codes (every subcommand): 0 done; 1 an unexpected failure (a bug: traceback); 2 a user
+error (bad argument, config, missing or unwritable path), printed as one line naming the input
+and the fix; 74 a write failed for lack of disk space (train: a checkpoint save; the message
+names the path and the free space); 75 `train` was preempted (SIGTERM) after saving its
+state; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import glob
 import importlib
+import importlib.metadata
+import importlib.util
+import os
 import sys
 
 from pathjax import __version__
@@ -29,6 +40,42 @@ COMMANDS = {
     "compile": ("pathjax.compile_cli", "AOT-compile a config's train step for a TPU topology"),
     "bench": ("pathjax.bench.cli", "benchmarks that print measured figures"),
 }
+
+
+EXIT_USAGE = 2
+EXIT_NO_SPACE = 74
+
+_TPU_ENV = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "TPU_NAME", "CLOUD_TPU_TASK_ID",
+            "TPU_WORKER_ID")
+
+
+def _has_tpu() -> bool:
+  """TPU chips attached (device files) or a TPU VM's environment."""
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+              or any(os.environ.get(k) for k in _TPU_ENV))
+
+
+def keep_off_absent_tpu(environ=os.environ) -> None:
+  """With libtpu installed (`make setup-tpu`, for `pathjax compile`) jax probes for a TPU at
+  its first use and, on a machine without one, prints libtpu start-up errors
+  ("could not determine TPU accelerator type", TPU_WORKER_HOSTNAMES) that bury real output.
+  Without TPU hardware and without a GPU plugin, pin jax to the CPU (JAX_PLATFORMS=cpu)
+  unless the user chose platforms. `pathjax compile` still loads libtpu for its topology.
+  """
+  if environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None or _has_tpu():
+    return
+  try:
+    if list(importlib.metadata.entry_points(group="jax_plugins")):
+      return  # a GPU plugin decides for itself
+  except Exception:  # pragma: no cover - broken metadata: leave jax's default
+    return
+  environ["JAX_PLATFORMS"] = "cpu"
+
+
+def _os_error_line(e: OSError) -> str:
+  where = e.filename or ""
+  reason = e.strerror or str(e)
+  return f"{where}: {reason}" if where else reason
 
 
 def _load(name: str):
@@ -66,11 +113,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.print_help()
     return 2
   args.config_overrides = overrides
+  keep_off_absent_tpu()
   try:
     code = _load(args.command).main(args)
   except ConfigError as e:
     print(f"pathjax {args.command}: config error: {e}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
+  except (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError,
+          FileExistsError) as e:  # a path the user gave: name it, no traceback
+    print(f"pathjax {args.command}: error: {_os_error_line(e)}", file=sys.stderr)
+    return EXIT_USAGE
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    from pathjax.workdir import format_bytes, free_bytes
+    free = f" ({format_bytes(free_bytes(e.filename))} free)" if e.filename else ""
+    print(f"pathjax {args.command}: error: no space left on device writing "
+          f"{e.filename or 'the output'}{free}; free space and rerun", file=sys.stderr)
+    return EXIT_NO_SPACE
   except KeyboardInterrupt:
     return 130
   return int(code or 0)

@@ -83,9 +83,11 @@ def list_images(paths: Sequence[str]) -> list[tuple[str, str]]:
 def load_image(path: str, size: int) -> np.ndarray:
   """uint8 [size, size, 3]: decoded, RGB, shorter side resized to `size`, centre-cropped."""
   from PIL import Image, UnidentifiedImageError
+
+  from pathjax.input.images import to_rgb8
   try:
     with Image.open(path) as im:
-      im = im.convert("RGB")
+      im = to_rgb8(im, path)
       w, h = im.size
       if (w, h) != (size, size):
         scale = size / min(w, h)
@@ -205,6 +207,15 @@ def main(args) -> int:
   from pathjax.models.model_dir import ModelDirError, load_model_dir
   from pathjax.convert.safetensors_io import WeightsError
   out = args.out if args.out.endswith(".npy") else args.out + ".npy"
+  for path in (args.out, out):
+    if os.path.isdir(path):
+      print(f"pathjax embed: error: --out {path} is a folder; give a file name (FILE.npy)",
+            file=sys.stderr)
+      return 2
+  folder = os.path.dirname(os.path.abspath(out))
+  if os.path.exists(folder) and not os.path.isdir(folder):
+    print(f"pathjax embed: error: --out {out}: {folder} is a file, not a folder", file=sys.stderr)
+    return 2
   try:
     if args.data:
       return _embed_dataset(args, args.out)
@@ -246,4 +257,8 @@ def main(args) -> int:
     return 0
   except (ImageDecodeError, ModelDirError, WeightsError, ValueError, FileNotFoundError) as e:
     print(f"pathjax embed: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # the output cannot be written (permissions, a full disk)
+    print(f"pathjax embed: error: cannot write {e.filename or out}: {e.strerror or e}",
+          file=sys.stderr)
     return 2

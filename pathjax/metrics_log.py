@@ -1,7 +1,10 @@
 """Training metrics: WORKDIR/metrics.jsonl, TensorBoard (WORKDIR/tb) and a progress line.
 
-Only process 0 writes; other processes get a logger that does nothing. On resume the jsonl
-file is cut back to the restored step, so it always reads as one run: every step once.
+Only process 0 writes; other processes get a logger that does nothing. metrics.jsonl is
+append-only: a resumed run appends a marker line `{"event": "resume", "step": S, ...}` and
+`read_metrics` drops the records past S written before it (a crash between checkpoints), so
+the file reads as one run, every step once, while nothing written is ever lost
+(`read_metrics(workdir, raw=True)` returns every line).
 """
 
 from __future__ import annotations
@@ -16,12 +19,35 @@ from typing import Mapping
 TIMING_KEYS = ("steps_per_sec", "examples_per_sec", "elapsed_sec")
 
 
-def read_metrics(workdir: str) -> list[dict]:
+RESUME_EVENT = "resume"
+
+
+def read_metrics(workdir: str, *, raw: bool = False) -> list[dict]:
+  """The metrics records as one run (see the module docstring); `raw`: every line as written.
+
+  A last line cut short by a kill is skipped.
+  """
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i != len(lines) - 1:
+        raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+  if raw:
+    return records
+  out: list[dict] = []
+  for record in records:
+    if record.get("event") == RESUME_EVENT:
+      out = [r for r in out if r.get("step", 0) <= record["step"]]
+    elif "event" not in record:
+      out.append(record)
+  return out
 
 
 def _summary_writer_class():
@@ -71,15 +97,19 @@ class MetricsLogger:
       writer_class = _summary_writer_class()
       self._writer = writer_class(os.path.join(workdir, "tb")) if writer_class else None
 
-  def truncate_after(self, step: int) -> None:
-    """Drops records past `step` (written before a crash that the run resumes from)."""
+  def mark_resume(self, step: int) -> None:
+    """Appends a resume marker: records past `step` already in the file (written after the
+    checkpoint a crashed run resumes from) stop counting; the file is never rewritten."""
     if not self.enabled or not os.path.exists(self.path):
       return
-    kept = [r for r in read_metrics(self.workdir) if r.get("step", 0) <= step]
-    with open(self.path + ".tmp", "w") as f:
-      for record in kept:
-        f.write(json.dumps(record) + "\n")
-    os.replace(self.path + ".tmp", self.path)
+    with open(self.path, "rb+") as f:  # a line cut short by a kill gets its newline
+      f.seek(0, os.SEEK_END)
+      if f.tell():
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+          f.write(b"\n")
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"event": RESUME_EVENT, "step": int(step), "time": time.time()}) + "\n")
 
   def start(self, step: int) -> None:
     """Starts the steps/s clock at `step` (after a restore, or 0)."""

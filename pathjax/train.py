@@ -55,6 +55,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pathjax import config_lib, optim, sharding
+from pathjax import workdir as workdir_lib
 from pathjax.checkpoint import Checkpointer
 from pathjax.metrics_log import MetricsLogger, read_metrics
 from pathjax.optim import make_optimizer
@@ -431,7 +432,7 @@ def _export(config, recipe, params, workdir: str) -> str | None:
     return None
   kwargs = dict(exported) if "towers" in exported else {"towers": exported}
   kwargs.setdefault("source", f"pathjax train ({config.recipe})")
-  return model_dir.save_model_dir(os.path.join(workdir, "model"), **kwargs)
+  return model_dir.save_model_dir(os.path.join(workdir, "model"), overwrite=True, **kwargs)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -448,9 +449,15 @@ def train(config, workdir: str, *, recipe=None, devices: Sequence[jax.Device] | 
   """Trains `config` in `workdir` (resuming from its checkpoints); returns the last metrics.
 
   `recipe` defaults to make_recipe(config), `devices` to all devices, `evaluators` to those
-  built from config.evals.
+  built from config.evals. The workdir is checked writable and locked for the run
+  (pathjax.workdir.guard); a preempted run's record has `preempted_at`.
   """
   workdir = os.path.abspath(workdir)
+  with workdir_lib.guard(config, workdir):
+    return _train(config, workdir, recipe=recipe, devices=devices, evaluators=evaluators)
+
+
+def _train(config, workdir: str, *, recipe, devices, evaluators) -> dict:
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)
@@ -480,7 +487,7 @@ def train(config, workdir: str, *, recipe=None, devices: Sequence[jax.Device] | 
     (state, start), frozen = restored, load_frozen(config, recipe, mesh, layout)
   count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
   logger = MetricsLogger(workdir, total, int(config.batch_size), enabled=is_main)
-  logger.truncate_after(start)
+  logger.mark_resume(start)
   if is_main:
     how = f"resumed from checkpoint step {start}" if start else "starting from scratch"
     print(f"pathjax train: {how}; {count(state.params):,} trainable and {count(frozen):,} "
@@ -496,6 +503,7 @@ def train(config, workdir: str, *, recipe=None, devices: Sequence[jax.Device] | 
       for step in range(start, total):
         batch = sharding.make_global_batch(next(iterator), mesh, rules)
         state, metrics = train_step(state, frozen, batch)
+        checkpointer.check_saved()  # a failed background save stops the run here
         done = step + 1
         is_log = done % log_every == 0 or done == total
         is_ckpt = done % ckpt_every == 0 or done == total

@@ -6,8 +6,11 @@ their own groups (`config.model`, `config.data`, ...). configs/toy.py is the sma
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
+from pathjax.config_lib import ConfigError
 from pathjax.sharding import DEFAULT_MESH_AXES, FSDP_TENSOR_RULES
 
 
@@ -42,7 +45,7 @@ def default_train_config() -> ml_collections.ConfigDict:
   config.total_steps = 100
   config.log_every = 10               # fetch metrics, write metrics.jsonl / tb, print progress
   config.checkpoint_every = 100       # also saved at the end and on SIGTERM
-  config.keep_checkpoints = 3         # keep the last N
+  config.keep_checkpoints = 3         # keep the last N (>= 1: the newest is always kept)
   config.async_checkpoints = True     # orbax writes in a background thread
   config.checkpoint_frozen = False    # also store frozen parameters (they are reloaded anyway)
   config.mesh = ml_collections.ConfigDict(dict(
@@ -59,4 +62,43 @@ def default_train_config() -> ml_collections.ConfigDict:
   # every process and return {metric: float}; they are logged with the training metrics.
   config.evals = []
   config.export_model = False         # write WORKDIR/model (recipe.export) at the end
+  # Start fresh in a workdir that holds another run's checkpoints: they, metrics.jsonl and
+  # tb/ are moved into WORKDIR/restarted-<UTC time>/ (nothing is deleted). A rerun of the
+  # same command (same config.json) resumes instead of restarting again.
+  config.restart = False
   return config
+
+
+def check_train_config(config) -> None:
+  """Rejects trainer fields that would lose work or train on garbage; ConfigError names them."""
+  def number(key: str, value, *, minimum=None, integer=False):
+    try:
+      x = float(value)
+    except (TypeError, ValueError):
+      raise ConfigError(f"config.{key}={value!r} is not a number") from None
+    if not math.isfinite(x):
+      raise ConfigError(f"config.{key}={value!r} must be a finite number; set "
+                        f"--config.{key}=VALUE with a real value")
+    if integer and x != int(x):
+      raise ConfigError(f"config.{key}={value!r} must be a whole number")
+    if minimum is not None and x < minimum:
+      raise ConfigError(f"config.{key}={value!r} must be >= {minimum}; set --config.{key}="
+                        f"{minimum} or more")
+  for key, minimum in (("keep_checkpoints", 1), ("total_steps", 0), ("log_every", 0),
+                       ("checkpoint_every", 0), ("batch_size", 1)):
+    if key in config:
+      number(key, config[key], minimum=minimum, integer=True)
+  opt = config.get("optimizer")
+  if opt is not None:
+    for key in ("lr", "end_lr", "weight_decay", "grad_clip_norm"):
+      if key in opt:
+        number(f"optimizer.{key}", opt[key], minimum=0)
+    for key in ("b1", "b2", "eps"):
+      if key in opt:
+        number(f"optimizer.{key}", opt[key], minimum=0)
+    if "warmup_steps" in opt:
+      number("optimizer.warmup_steps", opt.warmup_steps, minimum=0, integer=True)
+    if "accumulate_steps" in opt:
+      number("optimizer.accumulate_steps", opt.accumulate_steps, minimum=1, integer=True)
+    for pattern, multiplier in tuple(opt.get("lr_multipliers", ()) or ()):
+      number(f"optimizer.lr_multipliers[{pattern!r}]", multiplier, minimum=0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -71,7 +72,11 @@ def register(parser: argparse.ArgumentParser) -> None:
                  "(-1: at argmax(ids), as open_clip)")
   t.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory copied into the model")
   o = parser.add_argument_group("output")
-  o.add_argument("--out", required=True, metavar="DIR")
+  o.add_argument("--out", required=True, metavar="DIR",
+                 help="new (or empty) model directory; an existing model directory is replaced "
+                 "only with --overwrite, anything else is never touched")
+  o.add_argument("--overwrite", action="store_true",
+                 help="replace an existing pathjax model directory at --out")
   o.add_argument("--mean", type=float, nargs=3, help="normalisation mean (default ImageNet)")
   o.add_argument("--std", type=float, nargs=3, help="normalisation std (default ImageNet)")
   o.add_argument("--no-scan", dest="scan", action="store_false",
@@ -107,13 +112,14 @@ def convert(*, out: str, vision: str | None = None, vision_format: str = "timm",
             checkpoint_image_size: int | None = None, text: str | None = None,
             text_format: str = "auto", text_fields: dict[str, Any] | None = None,
             tokenizer: str | None = None, mean=None, std=None, scan: bool = True,
-            log=print) -> str:
+            overwrite: bool = False, log=print) -> str:
   """Library entry point of `pathjax convert`; returns the model directory."""
   from pathjax.convert import clip_text, timm_vit
   from pathjax.convert.safetensors_io import open_safetensors
   from pathjax.models import model_dir, text as text_lib, vit as vit_lib
   if not vision and not text:
     raise ValueError("nothing to convert: pass --vision and/or --text")
+  model_dir._check_out_dir(os.path.abspath(out), overwrite)  # before minutes of reading weights
   towers: dict[str, dict[str, Any]] = {}
   preprocess: dict[str, Any] = {}
   sources = []
@@ -148,7 +154,8 @@ def convert(*, out: str, vision: str | None = None, vision_format: str = "timm",
         f"{module.activation}, eos_id {module.eos_id}")
     sources.append(f"text: {text} ({fmt or clip_text.detect_format(sd)})")
   path = model_dir.save_model_dir(out, towers, preprocess=preprocess or None,
-                                  tokenizer_dir=tokenizer, source="; ".join(sources))
+                                  tokenizer_dir=tokenizer, source="; ".join(sources),
+                                  overwrite=overwrite)
   log(f"wrote {path}")
   return path
 
@@ -161,8 +168,12 @@ def main(args) -> int:
             vision_fields=vision_overrides(args), pos_embed_on_prefix=args.pos_embed_on_prefix,
             checkpoint_image_size=args.checkpoint_image_size, text=args.text,
             text_format=args.text_format, text_fields=text_overrides(args) if args.text else None,
-            tokenizer=args.tokenizer, mean=args.mean, std=args.std, scan=args.scan)
+            tokenizer=args.tokenizer, mean=args.mean, std=args.std, scan=args.scan,
+            overwrite=args.overwrite)
   except (WeightsError, ValueError, FileNotFoundError) as e:
     print(f"pathjax convert: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # permissions, a full disk: name the path, no traceback
+    print(f"pathjax convert: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
     return 2
   return 0

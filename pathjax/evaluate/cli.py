@@ -66,6 +66,17 @@ def main(args) -> int:
     print("pathjax eval: error: --model DIR (or --workdir DIR) and --data SPEC are required", file=sys.stderr)
     return 2
   out = args.out or os.path.join("eval_out", args.task)
+  from pathjax.config_lib import ConfigError
+  from pathjax.workdir import check_writable_dir
+  if os.path.exists(out) and not os.path.isdir(out):
+    print(f"pathjax eval: error: --out {out} is an existing file; eval writes a folder "
+          "(metrics.json, predictions.csv, plots): choose a folder path", file=sys.stderr)
+    return 2
+  try:  # before minutes of embedding, not after
+    check_writable_dir(out, "--out")
+  except ConfigError as e:
+    print(f"pathjax eval: error: {e}", file=sys.stderr)
+    return 2
   try:
     from pathjax.models.model_dir import ModelDirError
   except ImportError:  # pragma: no cover
@@ -100,7 +111,12 @@ def main(args) -> int:
     print(f"pathjax eval: error: {e}", file=sys.stderr)
     return 2
   result.info.update(model=embedder.name, data=args.data, train_data=args.train_data)
-  written = result.write(out)
+  try:
+    written = result.write(out)
+  except OSError as e:
+    print(f"pathjax eval: error: cannot write {e.filename or out}: {e.strerror or e}",
+          file=sys.stderr)
+    return 2
   print(f"{args.task} on {dataset.name} ({args.data}) with {embedder.name}")
   print(result.summary)
   print(f"wrote {os.path.abspath(out)}: " + ", ".join(sorted(os.path.basename(p) for p in written.values())))

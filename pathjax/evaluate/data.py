@@ -47,6 +47,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from pathjax.input.images import array_to_rgb8, to_rgb8
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".ome.tif", ".ome.tiff")
 KINDS = ("imagefolder", "csv", "jsonl", "tfds", "records", "slides")
@@ -217,7 +219,7 @@ class FileDataset(Dataset):
       raise ImageReadError(path, "no such file")
     with Image.open(path) as img:
       img.load()
-      return img.convert("RGB")
+      return to_rgb8(img, str(path))
 
 
 def _is_image(name: str) -> bool:
@@ -326,11 +328,8 @@ class TfdsDataset(Dataset):
     img = example[self._image_key]
     if isinstance(img, (bytes, bytearray)):
       import io
-      return Image.open(io.BytesIO(img)).convert("RGB")
-    arr = np.asarray(img)
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-      arr = arr[..., 0]
-    return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
+      return to_rgb8(Image.open(io.BytesIO(img)), f"example {index}")
+    return array_to_rgb8(img, f"example {index}")
 
 
 def tfds_dataset(name: str, split: str = "test", *, data_dir: str | None = None,

@@ -200,7 +200,20 @@ def run_kshot(dataset, embedder, *, train_dataset=None, shots=(1, 2, 4, 8, 16), 
                                    seed=seed, batch_size=batch_size, progress=progress, report=report)
   ytr, yte = _encode(train.labels, classes), _encode(test.labels, classes)
   table, rows = [], []
-  for k in shots:
+  present, counts = np.unique(ytr, return_counts=True)
+  smallest = int(counts.min())
+  warnings_out = []
+  used_shots: list[int] = []
+  for requested in shots:  # a k-shot score needs k examples of every class: cap, and say so
+    k = min(int(requested), smallest)
+    if k < int(requested):
+      message = (f"kshot: {requested} shots requested but class {classes[int(present[counts.argmin()])]!r} "
+                 f"has only {smallest} training examples; using {k} shots")
+      report(f"warning: {message}")
+      warnings_out.append(message)
+    if k not in used_shots:
+      used_shots.append(k)
+  for k in used_shots:
     runs = []
     for s in range(seeds):
       rng = np.random.default_rng(seed * 1000 + s)
@@ -228,4 +241,5 @@ def run_kshot(dataset, embedder, *, train_dataset=None, shots=(1, 2, 4, 8, 16), 
   return TaskResult("kshot", metrics, rows,
                     plots={"kshot.png": lambda path: plots.kshot_png(shot_list, means, stds, path,
                                                                      f"k-shot {dataset.name} ({seeds} seeds)")},
-                    info={"skipped": test.skipped, "warnings": dataset.warnings}, summary=summary)
+                    info={"skipped": test.skipped, "warnings": list(dataset.warnings) + warnings_out,
+                          "requested_shots": [int(k) for k in shots]}, summary=summary)

@@ -80,9 +80,23 @@ def main(args) -> int:
   for i in range(n):
     print(json.dumps(bag_to_json(source.bag(i))))
   if args.png:
+    import os
+    folder = os.path.dirname(os.path.abspath(args.png))
+    if not os.path.isdir(folder):
+      print(f"pathjax inspect: --png {args.png}: the folder {folder} does not exist; create it "
+            "or choose another path", file=sys.stderr)
+      return 2
+    if os.path.isdir(args.png):
+      print(f"pathjax inspect: --png {args.png} is a folder; give a file name ending in .png",
+            file=sys.stderr)
+      return 2
     if not 0 <= args.bag < len(source):
       print(f"pathjax inspect: --bag {args.bag} out of range (0..{len(source) - 1})", file=sys.stderr)
       return 2
-    contact_sheet(source.full_bag(args.bag), args.png, max_per_level=args.max_per_level)
+    try:
+      contact_sheet(source.full_bag(args.bag), args.png, max_per_level=args.max_per_level)
+    except OSError as e:
+      print(f"pathjax inspect: cannot write {args.png}: {e.strerror or e}", file=sys.stderr)
+      return 2
     print(f"wrote contact sheet of bag {args.bag} to {args.png}", file=sys.stderr)
   return 0

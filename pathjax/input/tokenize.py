@@ -39,18 +39,38 @@ CLIP_SPLIT_REGEX = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'
                     r"""[\p{N}]|[^\s\p{L}\p{N}]+""")
 
 
-def load_tokenizer(name_or_dir: str):
-  """A transformers tokenizer from a local directory or a hub name (AutoTokenizer).
+def _looks_like_path(name: str) -> bool:
+  """A local path rather than a hub name ("org/name"): absolute, ./ ../ ~, a backslash, or
+  more than one '/'."""
+  return (os.path.isabs(name) or name.startswith(("./", "../", "~", ".")) or "\\" in name
+          or name.count("/") > 1 or os.path.exists(name))
 
-  Offline runs (tests, the demo) pass local directories only.
+
+def load_tokenizer(name_or_dir: str):
+  """A transformers tokenizer from a local directory, or a hub name already in the local
+  Hugging Face cache. Never downloads (`local_files_only=True`): a missing local path is a
+  FileNotFoundError naming it, not a minute-long hub lookup.
   """
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-  from transformers import AutoTokenizer  # imported on use: transformers is slow to import
+  name_or_dir = os.fspath(name_or_dir)
+  if _looks_like_path(name_or_dir) and not os.path.isdir(os.path.expanduser(name_or_dir)):
+    raise FileNotFoundError(f"tokenizer directory {name_or_dir} does not exist; pass a directory "
+                            "holding tokenizer.json (train one with `pathjax tokenizer train "
+                            "--captions FILE --out DIR`)")
+  name_or_dir = os.path.expanduser(name_or_dir)
   if os.path.isdir(name_or_dir) and not os.path.exists(os.path.join(name_or_dir, "tokenizer.json")) \
       and not os.path.exists(os.path.join(name_or_dir, "vocab.json")):
     raise FileNotFoundError(f"{name_or_dir} holds no tokenizer.json or vocab.json; train one with "
                             "`pathjax tokenizer train --captions FILE --out DIR`")
-  return AutoTokenizer.from_pretrained(name_or_dir)
+  from transformers import AutoTokenizer  # imported on use: transformers is slow to import
+  try:
+    return AutoTokenizer.from_pretrained(name_or_dir, local_files_only=True)
+  except OSError as e:
+    if os.path.isdir(name_or_dir):
+      raise
+    raise FileNotFoundError(f"tokenizer {name_or_dir!r} is neither a local directory nor in the "
+                            "local Hugging Face cache (pathjax never downloads); pass a "
+                            f"tokenizer directory ({str(e).splitlines()[0][:200]})") from None
 
 
 def _load_backend(directory: str):
@@ -218,6 +238,12 @@ def _clip_pipeline(tok):
   return tok
 
 
+def min_vocab_size() -> int:
+  """The smallest vocabulary train_bpe_tokenizer can make: bytes, their </w> forms, 3 specials."""
+  from tokenizers import pre_tokenizers
+  return 2 * len(pre_tokenizers.ByteLevel.alphabet()) + 3
+
+
 def train_bpe_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 8192,
                         *, context_length: int = 77, min_frequency: int = 2) -> str:
   """Trains a CLIP-compatible byte-level BPE tokenizer on `texts` and saves it to `out_dir`.
@@ -229,7 +255,7 @@ def train_bpe_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 81
   """
   from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
   byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
-  min_size = 2 * len(byte_alphabet) + 3
+  min_size = min_vocab_size()
   if vocab_size < min_size:
     raise ValueError(f"vocab_size must be >= {min_size} (bytes, their </w> forms, 3 specials)")
   tok = _clip_pipeline(Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>",

@@ -57,9 +57,20 @@ def main(args) -> int:
     print(f"pathjax tokenizer: no line with a non-empty {args.field!r} field in {paths}",
           file=sys.stderr)
     return 2
-  tokenize.train_bpe_tokenizer(tokenize.read_caption_texts(paths, args.field), args.out,
-                               args.vocab_size, context_length=args.context_length,
-                               min_frequency=args.min_frequency)
+  minimum = tokenize.min_vocab_size()
+  if args.vocab_size < minimum:
+    print(f"pathjax tokenizer: --vocab-size {args.vocab_size} is too small: a byte-level BPE "
+          f"vocabulary needs at least {minimum} (256 bytes, their end-of-word forms and 3 special "
+          f"tokens); pass --vocab-size {minimum} or more", file=sys.stderr)
+    return 2
+  try:
+    tokenize.train_bpe_tokenizer(tokenize.read_caption_texts(paths, args.field), args.out,
+                                 args.vocab_size, context_length=args.context_length,
+                                 min_frequency=args.min_frequency)
+  except OSError as e:
+    print(f"pathjax tokenizer: cannot write {e.filename or args.out}: {e.strerror or e}; choose "
+          "an --out you can write to", file=sys.stderr)
+    return 2
   tok = tokenize.TextTokenizer(args.out, args.context_length)
   print(f"trained on {good} captions from {len(paths)} file(s) ({bad} lines skipped); "
         f"vocab {tok.vocab_size}, bos {tok.bos_id}, eos {tok.eos_id}, pad {tok.pad_id} -> {args.out}")

@@ -87,8 +87,14 @@ def _shape_only(x):
 def save_model_dir(out_dir: str, towers: Mapping[str, Mapping[str, Any]], *,
                    preprocess: Mapping[str, Any] | None = None, tokenizer_dir: str | None = None,
                    tokenizer: str | None = None, source: str | None = None,
-                   check: bool = True, max_shard_bytes: int | None = MAX_SHARD_BYTES) -> str:
+                   check: bool = True, max_shard_bytes: int | None = MAX_SHARD_BYTES,
+                   overwrite: bool = False) -> str:
   """Writes a model directory atomically; returns its path.
+
+  An existing `out_dir` is replaced only when it is a pathjax model directory (has
+  model.json) and `overwrite` is set; an empty directory is filled; anything else (a file,
+  a folder with other contents) is refused with ModelDirError, never deleted. Files and
+  folders are created with the user's umask. Non-finite weights are refused.
 
   towers: name -> dict(kind="vit"|"clip_text", module=flax module, params=pytree (with or
   without the "params" level), projection=np.ndarray [D, E] or None).
@@ -115,6 +121,7 @@ def save_model_dir(out_dir: str, towers: Mapping[str, Mapping[str, Any]], *,
     if isinstance(params, Mapping) and set(params) == {"params"}:
       params = params["params"]
     params = jax.tree.map(_shape_only, dict(params) if not isinstance(params, dict) else params)
+    _check_finite(flatten_dict(params, sep="/"), f"{name} tower")
     if check:
       check_tree(abstract_params(kind, module), params, what=f"{name} tower params")
     for key, value in flatten_dict(params, sep="/").items():
@@ -122,6 +129,7 @@ def save_model_dir(out_dir: str, towers: Mapping[str, Mapping[str, Any]], *,
     projection = tower.get("projection")
     if projection is not None:
       tensors[f"{name}/projection"] = _shape_only(projection)
+      _check_finite({"projection": tensors[f"{name}/projection"]}, f"{name} tower")
     meta_towers[name] = {"kind": kind, "config": kinds[kind][1](module),
                          "projection": projection is not None}
 
@@ -139,8 +147,13 @@ def save_model_dir(out_dir: str, towers: Mapping[str, Mapping[str, Any]], *,
 
   out_dir = os.path.abspath(out_dir)
   parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  _check_out_dir(out_dir, overwrite)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  except OSError as e:
+    raise ModelDirError(f"cannot create the model directory {out_dir}: {e.strerror or e}; "
+                        "choose an --out you can write to") from None
   try:
     save_safetensors(tensors, os.path.join(tmp, PARAMS_FILE),
                      metadata={"format": "pathjax", "pathjax_version": __version__},
@@ -151,6 +164,9 @@ def save_model_dir(out_dir: str, towers: Mapping[str, Mapping[str, Any]], *,
       shutil.copytree(tokenizer_dir, os.path.join(tmp, TOKENIZER_DIR))
     with open(os.path.join(tmp, MODEL_JSON), "w") as f:
       json.dump(meta, f, indent=2, default=_json_default)
+    _apply_umask(tmp)
+    if os.path.isdir(out_dir) and not os.listdir(out_dir):
+      os.rmdir(out_dir)  # an empty directory: fill it (checked empty above)
     if os.path.exists(out_dir):
       old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
       os.rename(out_dir, os.path.join(old, "m"))
@@ -162,6 +178,44 @@ def save_model_dir(out_dir: str, towers: Mapping[str, Mapping[str, Any]], *,
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return out_dir
+
+
+def _check_finite(flat: Mapping[str, np.ndarray], what: str) -> None:
+  bad = [k for k, v in flat.items()
+         if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(v))]
+  if bad:
+    raise ModelDirError(f"{what} has NaN or Inf values in {', '.join(sorted(bad)[:8])}"
+                        + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+                        + "; the weights are damaged (re-download or re-export them)")
+
+
+def _check_out_dir(out_dir: str, overwrite: bool) -> None:
+  """Refuses to replace anything but a model directory, and that only with `overwrite`."""
+  if not os.path.lexists(out_dir):
+    return
+  if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+    raise ModelDirError(f"--out {out_dir} exists and is not a directory; choose a new path "
+                        "(nothing was written)")
+  if not os.listdir(out_dir):
+    return
+  if not os.path.isfile(os.path.join(out_dir, MODEL_JSON)):
+    raise ModelDirError(f"--out {out_dir} is a non-empty directory that is not a pathjax model "
+                        "directory; choose a new or empty path (nothing was written or deleted)")
+  if not overwrite:
+    raise ModelDirError(f"--out {out_dir} already holds a model directory; pass --overwrite to "
+                        "replace it, or choose another path")
+
+
+def _apply_umask(root: str) -> None:
+  """mkdtemp/mkstemp create 0700/0600; give the tree the modes the user's umask asks for."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(root, 0o777 & ~umask)
+  for base, dirs, files in os.walk(root):
+    for d in dirs:
+      os.chmod(os.path.join(base, d), 0o777 & ~umask)
+    for f in files:
+      os.chmod(os.path.join(base, f), 0o666 & ~umask)
 
 
 def _json_default(x):
@@ -271,6 +325,10 @@ class Model:
         raise ModelDirError(f"the model in {self.path} stores no tokenizer; pass token ids "
                             "(--text-ids) or convert with --tokenizer DIR")
       local = os.path.join(self.path, name)
+      if name == TOKENIZER_DIR and not os.path.isdir(local):
+        raise ModelDirError(f"{os.path.join(self.path, MODEL_JSON)} names the tokenizer directory "
+                            f"{local}, which is missing; copy the tokenizer there or re-export "
+                            "the model with its tokenizer")
       where = local if os.path.isdir(local) else name
       text = self._tower("text").module
       try:
@@ -278,7 +336,8 @@ class Model:
         self._tokenizer = TextTokenizer(load_tokenizer(where), context_length=text.context_length)
       except ImportError:  # pragma: no cover - the tokenize module ships with pathjax
         from transformers import AutoTokenizer
-        self._tokenizer = _HFTokenizer(AutoTokenizer.from_pretrained(where), text.context_length)
+        self._tokenizer = _HFTokenizer(AutoTokenizer.from_pretrained(where, local_files_only=True),
+                                       text.context_length)
       eos = getattr(self._tokenizer, "eos_id", None)
       if text.eos_id >= 0 and eos is not None and eos != text.eos_id:
         raise ModelDirError(f"the tokenizer's end-of-text id {eos} differs from the text "
@@ -309,6 +368,13 @@ class Model:
       if ids.shape[1] > ctx:
         raise ValueError(f"token ids have {ids.shape[1]} positions; the text tower's context "
                          f"length is {ctx}")
+      vocab = int(tower.module.vocab_size)
+      outside = np.argwhere((ids < 0) | (ids >= vocab))
+      if len(outside):
+        row, col = (int(v) for v in outside[0])
+        raise ValueError(f"token id {int(ids[row, col])} at text {row}, position {col} is outside "
+                         f"the vocabulary [0, {vocab}) of the text tower ({len(outside)} ids "
+                         "outside); tokenize with the model's own tokenizer")
       ids = ids.astype(np.int32)
     proj = tower.projection
 
@@ -449,6 +515,10 @@ def load_model_dir(path: str, *, dtype=jnp.float32, towers: Sequence[str] | None
                  source=file)
     except WeightsError as e:
       raise ModelDirError(str(e)) from e
+    try:
+      _check_finite(flat, f"{file}: the {name} tower")
+    except ModelDirError as e:
+      raise ModelDirError(f"{e}; refusing to load it") from None
     projection = flat.get("projection")
     if spec.get("projection") and projection is None:
       raise ModelDirError(f"{file}: missing key {name}/projection ({MODEL_JSON} says the "
