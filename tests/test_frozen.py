@@ -5,6 +5,7 @@ import glob
 import os
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -138,5 +139,5 @@ def test_init_traces_from_shapes_without_baking_a_batch():
 def _equations(jaxpr):
   for eqn in jaxpr.eqns:
     yield eqn
-    for sub in jax.core.jaxprs_in_params(eqn.params):
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       yield from _equations(sub)
