@@ -23,13 +23,14 @@ computed ONCE per step by `encode_patches` and passed to every pass. A stage-1 r
     same = losses_blip.same_text_mask(ids, tmask)                       # identical reports
     sim = losses_blip.itc_similarity(img, txt)                          # [B, B], max over queries
     l_itc, m1 = losses_blip.itc_loss(sim, temp, positive_mask=same)
-    # ITM: the same K/V; negatives' K/V gathered with take_kv
-    neg_txt, neg_img = losses_blip.itm_negatives(sim / temp, rng, positive_mask=same)
+    # ITM: the same K/V; the negative images' K/V gathered with take_kv
+    neg = losses_blip.itm_negatives(sim / temp, rng, positive_mask=same)
     itm = lambda kv_, i, t: apply(QFormer.itm_logits, apply(QFormer.multimodal_pass, kv_, i, t))
     l_itm, m2 = losses_blip.itm_loss(
-        itm(kv, ids, tmask), itm(take_kv(kv, neg_img), ids, tmask),
-        itm(kv, ids[neg_txt], tmask[neg_txt]),
-        negative_valid=losses_blip.itm_negative_valid(neg_txt, neg_img, same))
+        itm(kv, ids, tmask),                                            # positives
+        itm(take_kv(kv, neg.image_for_text), ids, tmask),               # negative image
+        itm(kv, ids[neg.text_for_image], tmask[neg.text_for_image]),    # negative text
+        negatives=neg)
     # ITG: [DEC] replaces [CLS]; queries see queries, text sees queries + earlier text
     dec = ids.at[:, 0].set(dec_id)
     logits = apply(QFormer.lm_logits, apply(QFormer.multimodal_pass, kv, dec, tmask, causal=True))
@@ -38,9 +39,10 @@ computed ONCE per step by `encode_patches` and passed to every pass. A stage-1 r
 
 Under pjit the batch is one global array, so "candidates gathered over all devices" is the
 plain formula. Note `take_kv` with indices from anywhere in the global batch makes XLA gather
-other devices' K/V (2 * cross layers * N * width per slide); gathering the raw features and
-calling `encode_patches` on them moves about 2 * layers * width / D times fewer bytes at the
-price of one more K/V computation (a recipe choice).
+other devices' K/V (2 * cross-attention layers * N * width values per slide); gathering the
+raw features [N, D] and calling `encode_patches` on them moves 2 * cross layers * width / D
+times fewer bytes (24x for BERT-base over ViT-S features) at the price of one more K/V
+computation: a recipe choice. Give each pass its own dropout rng (`jax.random.fold_in`).
 
 Parameter tree (BERT names in brackets; `pathjax.convert.bert` maps them):
 
