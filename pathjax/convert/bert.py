@@ -124,6 +124,11 @@ def convert_bert(sd: Mapping[str, np.ndarray], fields: Mapping[str, Any], *, see
   where = f" ({source})" if source else ""
   sd = _canonical(sd)
   used: set[str] = set()
+  word_shape = tuple(np.shape(sd.get("embeddings.word_embeddings.weight", ())))
+  if len(word_shape) == 2 and word_shape[1] != module.width:  # cheap check before the init
+    raise WeightsError(f"BERT checkpoint{where}: shape mismatch for the word embeddings: "
+                       f"{word_shape}, but hidden_size is {module.width} (does config.json "
+                       "match the weights?)")
 
   def get(name: str) -> np.ndarray:
     if name not in sd:
