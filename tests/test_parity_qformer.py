@@ -8,8 +8,6 @@ are buggy in transformers 5.23 (DESIGN.md). Needs torch (the `reference` extra).
 import argparse
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -111,6 +111,7 @@ def test_sample_patches_uniform_without_replacement_with_masks():
   np.testing.assert_array_equal(np.asarray(same[0]), feats)
 
 
+@pytest.mark.slow
 def test_slide_without_patches_gives_finite_outputs():
   m = _module()
   params = _params(m)
@@ -156,6 +157,7 @@ def test_variants_and_logical_axes():
             rngs={"dropout": jax.random.PRNGKey(0)})
 
 
+@pytest.mark.slow
 def test_bf16_compute_stays_close_to_fp32():
   m32, m16 = _module(), _module(dtype=jnp.bfloat16)
   params = _params(m32)
