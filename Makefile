@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_OUT ?= demo_out
 
-.PHONY: setup setup-reference setup-tpu demo test test-fast bench clean
+.PHONY: setup setup-reference setup-tpu setup-beam demo test test-fast bench clean
 
 setup: $(VENV)/.setup-done
 
@@ -32,11 +32,18 @@ $(VENV)/.tpu-done: $(VENV)/.setup-done
 	$(PIP) install -q -e '.[tpu-aot]' || echo "libtpu unavailable: TPU AOT tests will skip"
 	touch $@
 
+# Apache Beam for `pathjax tile --runner beam` and its tests (tests/test_tile_beam.py).
+setup-beam: $(VENV)/.beam-done
+
+$(VENV)/.beam-done: $(VENV)/.setup-done
+	$(PIP) install -q -e '.[beam]'
+	touch $@
+
 demo: setup
 	$(PY) -m pathjax.demo --out $(DEMO_OUT)
 
 # Everything CI runs: unit, parity (PyTorch references), multi-process and AOT tests.
-test: setup setup-reference setup-tpu
+test: setup setup-reference setup-tpu setup-beam
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The quick loop while developing: no slow tests.

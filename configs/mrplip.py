@@ -21,7 +21,7 @@ random ones (`model.init_towers`).
 import ml_collections
 
 from pathjax.config_lib import pick_variant
-from pathjax.input.pipeline import default_input_config
+from pathjax.input.input_config import default_input_config
 from pathjax.train_config import default_train_config
 
 SIZES = ("smoke", "vitb16", "vitl16")

@@ -293,12 +293,10 @@ def _count(jaxpr) -> float:
 
 
 def abstract_batch(recipe, mesh, rules, global_batch: int) -> dict:
-  """ShapeDtypeStructs of a global batch (leading dim over the batch axes); allocates nothing big."""
-  example = recipe.example_batch(1)
+  """ShapeDtypeStructs of a global batch (leading dim over the batch axes); allocates nothing."""
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((global_batch,) + tuple(np.shape(x))[1:], np.asarray(x).dtype,
-                                     sharding=batch_sharding), example)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
+                      recipe.example_batch(global_batch))
 
 
 def compile_train_step(config, topology: Topology, *, recipe=None, count_flops: bool = True,
@@ -311,20 +309,22 @@ def compile_train_step(config, topology: Topology, *, recipe=None, count_flops: 
   from pathjax import train  # pylint: disable=import-outside-toplevel
   from pathjax.recipes.base import make_recipe  # pylint: disable=import-outside-toplevel
   log = log or (lambda s: None)
-  recipe = make_recipe(config) if recipe is None else recipe
   mesh = sharding.mesh_from_config(config, topology.devices)
+  recipe = make_recipe(config, mesh=mesh) if recipe is None else recipe
   rules = sharding.rules_from_config(config)
   train.check_batch(config, mesh)
   global_batch = int(config.batch_size)
-  state, state_shardings = train.abstract_train_state(config, recipe, mesh)
+  layout = train.abstract_train_state(config, recipe, mesh)
+  state, frozen = layout.state, layout.frozen
   batch = abstract_batch(recipe, mesh, rules, global_batch)
-  step = train.build_train_step(config, recipe, mesh, state_shardings)
-  largest = (largest_arrays(state, 6, "state") + largest_arrays(batch, 4, "batch"))
+  step = train.build_train_step(config, recipe, mesh, layout)
+  largest = (largest_arrays(state, 6, "state") + largest_arrays(frozen, 4, "frozen")
+             + largest_arrays(batch, 4, "batch"))
   largest = sorted(largest, key=_per_chip_key, reverse=True)[:8]
   start = time.time()
   log(f"lowering the train step (global batch {global_batch}, mesh {dict(mesh.shape)})")
   # The step enters sharding.mesh_context while tracing, so activation constraints apply.
-  lowered = step.lower(state, batch)
+  lowered = step.lower(state, frozen, batch)
   log(f"lowered in {time.time() - start:.0f} s; compiling for {topology.name}")
   error, memory, flops = None, {}, None
   try:
@@ -336,15 +336,15 @@ def compile_train_step(config, topology: Topology, *, recipe=None, count_flops: 
   seconds = time.time() - start
   model_flops = step_flops = None
   if count_flops:
-    step_flops = jaxpr_flops(step, state, batch)
+    step_flops = jaxpr_flops(step, state, frozen, batch)
     model_flops = step_flops
     if "model" in config and config.model.get("remat", "none") != "none":
       plain = config.copy_and_resolve_references()
       with plain.unlocked():
         plain.model.remat = "none"
       from pathjax.recipes.base import make_recipe as _make  # pylint: disable=import-outside-toplevel
-      model_flops = jaxpr_flops(train.build_train_step(plain, _make(plain), mesh, state_shardings),
-                                state, batch)
+      model_flops = jaxpr_flops(train.build_train_step(plain, _make(plain, mesh=mesh), mesh, layout),
+                                state, frozen, batch)
   return CompileResult(topology=topology, global_batch=global_batch,
                        per_chip_batch=global_batch / topology.num_chips,
                        mesh=dict(mesh.shape), memory=memory, flops=flops,

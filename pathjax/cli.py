@@ -19,6 +19,7 @@ from pathjax.config_lib import ConfigError, split_config_overrides
 COMMANDS = {
     "convert": ("pathjax.convert.cli", "import published weights (safetensors) into a model directory"),
     "embed": ("pathjax.embed", "embed images or text with a model directory"),
+    "embed-slides": ("pathjax.embed_slides", "embed every tissue patch of whole slides with a frozen patch encoder"),
     "synth-slides": ("pathjax.wsi.synth_cli", "write synthetic pyramidal slides with labels and captions"),
     "tile": ("pathjax.input.tile_cli", "tile slides into multi-resolution bag records"),
     "inspect": ("pathjax.input.inspect_cli", "print a records directory's manifest and records"),

@@ -62,9 +62,11 @@ def run(out: str, *, train_slides: int, heldout_slides: int, steps: int, patch_s
   for split, n, seed in (("train", train_slides, 0), ("heldout", heldout_slides, 1)):
     d = os.path.join(out, "slides", split)
     done = os.path.join(d, "captions.jsonl")
-    if os.path.exists(done) and len(os.listdir(d)) == n + 1:
+    if (os.path.exists(done) and os.path.exists(os.path.join(d, "reports.jsonl"))
+        and len(os.listdir(d)) == n + 2):
       sets[split] = synth.SyntheticSet(sorted(os.path.join(d, f) for f in os.listdir(d)
-                                              if f.endswith(".svs")), done)
+                                              if f.endswith(".svs")), done,
+                                       os.path.join(d, "reports.jsonl"))
     else:
       sets[split] = synth.write_synthetic_slides(d, n, seed=seed, size=slide_size,
                                                  magnifications=mags, patch_size=patch_size)

@@ -4,14 +4,14 @@ Parameter paths are the '/'-joined keys of the parameter tree ("text/layers_0/ml
 Every rule below is a list of regular expressions matched with `re.fullmatch` against that
 path, in the style of big_vision's `optax.py`:
 
-* `freeze`: matching parameters never change. They get `optax.set_to_zero()` through
-  `optax.partition`, so they hold no optimizer state (no Adam moments), and the trainer also
-  stops their gradients so XLA does not compute them.
+* `freeze`: matching parameters never change. The trainer (pathjax.train.ParamSplit) keeps
+  them out of the train state altogether: no gradients, no optimizer state, no checkpoint;
+  the transformation built here only ever sees trainable parameters.
 * `wd_exclude`: matching parameters get no weight decay (biases, norm scales, embeddings).
 * `lr_multipliers`: a list of `(regex, multiplier)`; the first match scales that parameter's
   update (and so its effective learning rate and decoupled weight decay).
 
-The chain for trainable parameters is: clip by global norm (over trainable gradients only) ->
+The chain is: clip by global norm ->
 Adam moments -> decoupled weight decay (masked) -> learning-rate schedule -> multipliers.
 Boxed (logically partitioned) parameter trees work too: rules see a box as one parameter,
 so `tx.init` on boxed params gives optimizer state boxed with the params' logical axes.
@@ -26,9 +26,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-
-TRAINABLE, FROZEN = "trainable", "frozen"
-
 
 def path_str(path: Sequence[Any]) -> str:
   """'/'-joined dict keys / sequence indices of a tree path (box `.value` attributes skipped)."""
@@ -61,7 +58,7 @@ def parameter_paths(tree: Any) -> list[str]:
   return paths
 
 
-def _compile(patterns: Sequence[str]) -> list[re.Pattern]:
+def compile_patterns(patterns: Sequence[str]) -> list[re.Pattern]:
   out = []
   for pattern in patterns:
     try:
@@ -77,16 +74,9 @@ def matches_any(path: str, patterns: Sequence[re.Pattern]) -> bool:
 
 def make_mask(patterns: Sequence[str], match_value: bool = True) -> Callable[[Any], Any]:
   """A function params -> bool tree: `match_value` where a path matches one of `patterns`."""
-  compiled = _compile(patterns)
+  compiled = compile_patterns(patterns)
   return lambda tree: tree_map_paths(
       lambda p, _: matches_any(p, compiled) == match_value, tree)
-
-
-def freeze_labels(patterns: Sequence[str]) -> Callable[[Any], Any]:
-  """params -> tree of "frozen"/"trainable" labels."""
-  compiled = _compile(patterns)
-  return lambda tree: tree_map_paths(
-      lambda p, _: FROZEN if matches_any(p, compiled) else TRAINABLE, tree)
 
 
 def lr_multiplier_for(path: str, rules: Sequence[tuple[re.Pattern, float]]) -> float:
@@ -98,7 +88,7 @@ def lr_multiplier_for(path: str, rules: Sequence[tuple[re.Pattern, float]]) -> f
 
 def scale_by_multipliers(multipliers: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
   """Scales each update by the multiplier of the first regex matching its path."""
-  rules = [(p, float(m)) for p, m in zip(_compile([r for r, _ in multipliers]),
+  rules = [(p, float(m)) for p, m in zip(compile_patterns([r for r, _ in multipliers]),
                                            [m for _, m in multipliers])]
 
   def update_fn(updates, state, params=None):
@@ -121,8 +111,9 @@ def make_schedule(opt_config, total_steps: int) -> optax.Schedule:
   name = opt_config.get("schedule", "cosine")
   decay_steps = max(int(total_steps) - warmup, 1)
   if name == "cosine":
-    decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=end_lr / lr if lr else 0.0)
-  elif name == "linear":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(int(total_steps), warmup + 1),
+                                              end_value=end_lr)
+  if name == "linear":
     decay = optax.linear_schedule(lr, end_lr, decay_steps)
   elif name == "constant":
     decay = optax.constant_schedule(lr)
@@ -152,39 +143,15 @@ def make_optimizer(opt_config, total_steps: int) -> tuple[optax.GradientTransfor
   multipliers = [tuple(rule) for rule in opt_config.get("lr_multipliers", ())]
   if multipliers:
     chain.append(scale_by_multipliers(multipliers))
-  trainable = optax.chain(*chain)
-  freeze = tuple(opt_config.get("freeze", ()))
-  if not freeze:
-    return trainable, schedule
-  tx = optax.partition({TRAINABLE: trainable, FROZEN: optax.set_to_zero()}, freeze_labels(freeze))
-  return tx, schedule
-
-
-def stop_frozen_gradients(params: Any, freeze: Sequence[str]) -> Any:
-  """`params` with `lax.stop_gradient` on frozen leaves, so their backward pass is pruned."""
-  if not freeze:
-    return params
-  compiled = _compile(freeze)
-  return tree_map_paths(
-      lambda p, x: jax.lax.stop_gradient(x) if matches_any(p, compiled) else x, params)
-
-
-def trainable_global_norm(tree: Any, freeze: Sequence[str]) -> jax.Array:
-  """Global L2 norm over the trainable leaves of `tree` (grads or params)."""
-  compiled = _compile(freeze)
-  leaves = []
-  tree_map_paths(lambda p, x: None if matches_any(p, compiled) else leaves.append(x), tree)
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  return optax.global_norm(leaves)
+  return optax.chain(*chain), schedule
 
 
 def describe_rules(opt_config, params: Any) -> list[str]:
   """One line per parameter: path, frozen?, weight decay?, lr multiplier (for logs and tests)."""
-  freeze = _compile(opt_config.get("freeze", ()))
-  wd_ex = _compile(opt_config.get("wd_exclude", ()))
+  freeze = compile_patterns(opt_config.get("freeze", ()))
+  wd_ex = compile_patterns(opt_config.get("wd_exclude", ()))
   mults = [(p, float(m)) for p, m in zip(
-      _compile([r for r, _ in opt_config.get("lr_multipliers", ())]),
+      compile_patterns([r for r, _ in opt_config.get("lr_multipliers", ())]),
       [m for _, m in opt_config.get("lr_multipliers", ())])]
   lines = []
   for path in parameter_paths(params):
@@ -194,5 +161,5 @@ def describe_rules(opt_config, params: Any) -> list[str]:
   return lines
 
 
-__all__ = ["make_optimizer", "make_schedule", "make_mask", "freeze_labels", "path_str",
-           "parameter_paths", "stop_frozen_gradients", "trainable_global_norm", "describe_rules"]
+__all__ = ["make_optimizer", "make_schedule", "make_mask", "compile_patterns", "matches_any",
+           "path_str", "parameter_paths", "describe_rules"]

@@ -114,14 +114,14 @@ def rules_for_mesh(rules, mesh: Mesh):
 
 @contextlib.contextmanager
 def mesh_context(mesh: Mesh, rules):
-  """Where modules' logical constraints take effect: the mesh, its abstract mesh, the rules.
+  """Where modules' logical constraints take effect: the abstract mesh and the rules.
 
   flax applies `nn.with_logical_constraint` only under an abstract mesh
   (`use_abstract_mesh`, which unlike `jax.set_mesh` may be entered inside `jax.jit`);
-  `with mesh` alone silently skips every activation constraint. Enter it inside traced
+  without it every activation constraint is silently skipped. Enter it inside traced
   functions (train step, init) so lowering needs no outer context.
   """
-  with mesh, jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
       nn.logical_axis_rules(rules_for_mesh(rules, mesh)):
     yield
 
@@ -173,15 +173,6 @@ def abstract_with_shardings(init_fn: Callable[..., Any], mesh: Mesh, rules, *arg
   structs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          nn.unbox(abstract), shardings)
   return structs, shardings
-
-
-def current_mesh_and_rules() -> tuple[Mesh | None, tuple]:
-  """The mesh of the enclosing `with mesh:` and the active logical axis rules (or None, ())."""
-  from jax.interpreters import pxla  # the mesh context flax's logical constraints read too
-  mesh = pxla.thread_resources.env.physical_mesh
-  if mesh.empty:
-    return None, ()
-  return mesh, tuple(nn.get_logical_axis_rules())
 
 
 def batch_axes(mesh: Mesh, rules) -> tuple[str, ...] | str | None:

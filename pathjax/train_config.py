@@ -23,7 +23,8 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
       # Regexes (re.fullmatch on '/'-joined parameter paths) excluded from weight decay.
       wd_exclude=(r".*bias", r".*scale", r".*norm.*", r".*(pos_embed|cls|embedding).*"),
       lr_multipliers=(),       # ((regex, multiplier), ...): first match wins
-      freeze=(),               # regexes: frozen params never change and hold no optimizer state
+      freeze=(),               # regexes: frozen params live outside the train state (no grads,
+                               # no optimizer state, not checkpointed; reloaded on every start)
       grad_clip_norm=1.0,      # clip by global norm over trainable grads; 0 disables
       # >1: the global batch is split into this many micro-batches inside the jitted step
       # (lax.scan); gradients are averaged, so the update equals one big-batch step while
@@ -43,6 +44,7 @@ def default_train_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 100       # also saved at the end and on SIGTERM
   config.keep_checkpoints = 3         # keep the last N
   config.async_checkpoints = True     # orbax writes in a background thread
+  config.checkpoint_frozen = False    # also store frozen parameters (they are reloaded anyway)
   config.mesh = ml_collections.ConfigDict(dict(
       axes=DEFAULT_MESH_AXES,         # ("slice", "data", "fsdp", "tensor")
       shape=(1, -1, 1, 1)))           # one -1 fills up with the remaining devices

@@ -68,7 +68,8 @@ def test_mrplip_plan_shardings_golden(plan):
   shape = sharding.resolve_mesh_shape(config.mesh.shape, chips)
   mesh = AbstractMesh(shape, tuple(config.mesh.axes), axis_types=(AxisType.Auto,) * len(shape))
   rules = sharding.rules_from_config(config)
-  state, shardings = train.abstract_train_state(config, make_recipe(config), mesh)
+  layout = train.abstract_train_state(config, make_recipe(config), mesh)
+  state, shardings = layout.state, layout.state_shardings
   batch = sharding.batch_sharding(mesh, rules)
   lines = [f"# plan {plan}: {topology}, {chips} chips, mesh {dict(mesh.shape)}",
            f"# global batch {config.batch_size} ({config.batch_size // chips} per chip), "

@@ -34,7 +34,7 @@ def test_registry_evaluators_with_a_recipe(model_dir, tokenizer_dir, patch_sets,
     config = ml_collections.ConfigDict({"recipe": "fake", "input": {
         "image_size": SIZE, "context_length": 16, "tokenizer": tokenizer_dir}})
 
-    def encoders(self, params):
+    def predict_fns(self, params):
       def image(x):
         f = vision.module.apply({"params": params["v"]}, transforms.normalize_on_device(x))["pooled"]
         return f @ params["proj"]
@@ -59,8 +59,30 @@ def test_registry_evaluators_with_a_recipe(model_dir, tokenizer_dir, patch_sets,
   assert "cross_mag/10x/weighted_f1" in xo and "cross_mag/mean/accuracy" in xo
   knn = registry.make_evaluator({"kind": "knn", "data": patch_sets["csv"], "k": 5}, recipe)
   assert "knn/accuracy" in knn(params, 1)
-  with pytest.raises(ValueError, match="unknown kind"):
+  with pytest.raises(ValueError, match="unknown task 'nope'.*valid tasks: cross_mag"):
     registry.make_evaluator({"kind": "nope", "data": "x"}, recipe)
+
+
+def test_new_tasks_register_themselves_and_needs_are_checked(tmp_path, monkeypatch):
+  from pathjax.evaluate import tasks as tasks_lib
+  (tmp_path / "my_slide_task.py").write_text(
+      "from pathjax.evaluate.tasks import register_task\n"
+      "@register_task('my_slide_task:count', needs=('slide',), per_magnification=False)\n"
+      "def run(dataset, embedder, *, batch_size=64, **unused):\n"
+      "  return ('ran', len(dataset), batch_size)\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  task = tasks_lib.get_task("my_slide_task:count")  # imported on demand
+  assert task.needs == ("slide",) and "my_slide_task:count" in tasks_lib.task_names()
+  assert tasks_lib.run_task("my_slide_task:count", [1, 2, 3], None, batch_size=7, k=3) == ("ran", 3, 7)
+
+  class PatchOnly:
+    config = ml_collections.ConfigDict({"recipe": "patch_only"})
+
+    def predict_fns(self, params):
+      return {"image": lambda x: x}
+
+  with pytest.raises(ValueError, match=r"needs predict functions \['slide'\].*provides \['image'\]"):
+    registry.make_evaluator({"kind": "my_slide_task:count", "data": "x"}, PatchOnly())
 
 
 def test_embed_a_dataset_with_ids(model_dir, patch_sets, tmp_path):

@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from pathjax.optim import (describe_rules, make_optimizer, make_schedule, parameter_paths,
-                           stop_frozen_gradients)
+from pathjax.optim import describe_rules, make_optimizer, make_schedule, parameter_paths
+from pathjax.train import ParamSplit
 from pathjax.train_config import default_optimizer_config
 
 
@@ -76,43 +76,17 @@ def test_lr_multipliers_first_match_wins():
   np.testing.assert_allclose(updates["head"]["bias"], 0.5 * base, rtol=1e-6)
 
 
-def test_frozen_params_never_change_and_have_no_moments():
-  c = _config(weight_decay=0.1, freeze=(r"encoder/.*",), grad_clip_norm=1.0)
-  tx, _ = make_optimizer(c, 10)
+def test_param_split_and_describe():
   params = _params()
-  state = tx.init(params)
-  # No optimizer state leaf has the shape of a frozen-only parameter ((3, 4) is encoder/kernel).
-  assert all(leaf.shape != (3, 4) for leaf in jax.tree.leaves(state))
-  n_trainable = params["head"]["kernel"].size + params["head"]["bias"].size + params["norm"]["scale"].size
-  n_moments = sum(x.size for x in jax.tree.leaves(state) if x.ndim > 0)
-  assert n_moments == 2 * n_trainable
-  step = jax.jit(lambda p, s, g: tx.update(g, s, p))
-  for i in range(3):
-    grads = jax.tree.map(lambda x: jnp.full_like(x, i + 1.0), params)
-    updates, state = step(params, state, grads)
-    params = optax.apply_updates(params, updates)
-  np.testing.assert_array_equal(params["encoder"]["kernel"], 1.0)
-  np.testing.assert_array_equal(params["encoder"]["bias"], 1.0)
-  assert not np.allclose(params["head"]["kernel"], 1.0)
-
-
-def test_gradient_clipping_ignores_frozen_gradients():
-  # eps=1 makes the first Adam step lr * g / (|g| + 1), so the gradient's scale shows.
-  c = _config(freeze=(r"encoder/.*",), grad_clip_norm=10.0, b1=0.0, b2=0.0, eps=1.0)
-  tx, _ = make_optimizer(c, 10)
-  params = _params()
-  grads = jax.tree.map(jnp.ones_like, params)
-  grads["encoder"]["kernel"] = jnp.full((3, 4), 1e6)  # huge but frozen: must not shrink the rest
-  updates, _ = tx.update(grads, tx.init(params), params)
-  np.testing.assert_allclose(updates["head"]["kernel"], -0.05, rtol=1e-4)  # norm 3.5 < 10: unclipped
-
-
-def test_stop_frozen_gradients_and_describe():
-  params = _params()
-  f = lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(stop_frozen_gradients(p, (r"head/.*",))))
-  g = jax.grad(f)(params)
-  np.testing.assert_array_equal(g["head"]["kernel"], 0.0)
-  np.testing.assert_array_equal(g["encoder"]["kernel"], 1.0)
+  split = ParamSplit((r"head/.*",))
+  trainable, frozen = split.split(params)
+  assert sorted(parameter_paths(trainable)) == ["encoder/bias", "encoder/kernel", "norm/scale"]
+  assert sorted(parameter_paths(frozen)) == ["head/bias", "head/kernel"]
+  jax.tree.map(np.testing.assert_array_equal, ParamSplit.merge(trainable, frozen), params)
+  # The optimizer only ever sees the trainable half: no moments for frozen leaves.
+  tx, _ = make_optimizer(_config(weight_decay=0.1), 10)
+  n_moments = sum(x.size for x in jax.tree.leaves(tx.init(trainable)) if x.ndim > 0)
+  assert n_moments == 2 * sum(x.size for x in jax.tree.leaves(trainable))
   lines = describe_rules(_config(freeze=(r"head/.*",), weight_decay=0.1), params)
   assert "head/kernel frozen=True wd=True lr_mult=1.0" in lines
   assert "encoder/bias frozen=False wd=False lr_mult=1.0" in lines
@@ -120,4 +94,4 @@ def test_stop_frozen_gradients_and_describe():
 
 def test_invalid_regex_is_a_clear_error():
   with pytest.raises(ValueError, match="invalid parameter regex"):
-    make_optimizer(_config(freeze=("enc(",)), 10)[0].init(_params())
+    ParamSplit(("enc(",))

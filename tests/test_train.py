@@ -39,12 +39,12 @@ def _one_step(config, batch, steps=2):
   recipe = make_recipe(config)
   mesh = sharding.mesh_from_config(config)
   tx, schedule = make_optimizer(config.optimizer, config.total_steps)
-  state, shardings = create_train_state(config, recipe, mesh, tx)
-  step = build_train_step(config, recipe, mesh, shardings, tx, schedule)
+  state, frozen, layout = create_train_state(config, recipe, mesh, tx)
+  step = build_train_step(config, recipe, mesh, layout, tx, schedule)
   rules = sharding.rules_from_config(config)
   out = []
   for _ in range(steps):
-    state, metrics = step(state, sharding.make_global_batch(batch, mesh, rules))
+    state, metrics = step(state, frozen, sharding.make_global_batch(batch, mesh, rules))
     out.append(jax.device_get(metrics))
   return jax.device_get(state.params), out
 
@@ -130,7 +130,8 @@ def test_abstract_state_lowers_the_step_without_allocating():
   config.mesh.shape = (1, 2, 4, 1)
   recipe = make_recipe(config)
   mesh = sharding.mesh_from_config(config)
-  structs, shardings = abstract_train_state(config, recipe, mesh)
+  layout = abstract_train_state(config, recipe, mesh)
+  structs = layout.state
   kernel = structs.params["encoder"]["kernel"]
   assert isinstance(kernel, jax.ShapeDtypeStruct) and kernel.sharding.spec[0] == "fsdp"
   # Adam moments share the parameters' shardings.
@@ -142,7 +143,7 @@ def test_abstract_state_lowers_the_step_without_allocating():
   batch = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(mesh, rules)),
       recipe.example_batch(config.batch_size))
-  compiled = build_train_step(config, recipe, mesh, shardings).lower(structs, batch).compile()
+  compiled = build_train_step(config, recipe, mesh, layout).lower(structs, layout.frozen, batch).compile()
   assert compiled.cost_analysis() is not None
 
 

@@ -10,6 +10,8 @@ BENCHES = {
     "input": "pathjax.bench.input",
     "train": "pathjax.bench.train",
     "eval": "pathjax.bench.eval",
+    "embed-slides": "pathjax.bench.embed_slides",
+    "load": "pathjax.bench.load",
 }
 
 

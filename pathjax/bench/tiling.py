@@ -9,6 +9,12 @@ Synthesizes slides (or uses --slides), then for each worker count w measures, in
 and, with --serialization, the cost per bag of the record encoding used (msgpack into
 ArrayRecord) against a TFDS FeaturesDict serialization of the same bag (JPEG bytes; and
 raw uint8 pixels for one bag), which is why records are written with array_record directly.
+
+With `--runner beam` it instead times, per worker count and in the same run, the local
+process pool (`tile_slides(workers=w)`) against the Apache Beam pipeline (DirectRunner,
+multi-processing, `w` processes) on the same slides (8 by default), checks that their shards
+are byte-identical, and prints the wall-time ratio (Beam / local) and slides per
+worker-hour, the figure that sizes a cluster run (slides per worker-hour x workers).
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ import numpy as np
 
 def register(parser):
   parser.add_argument("--workers", default="1,2", help="worker counts, comma separated")
-  parser.add_argument("--slides", type=int, default=4, help="synthetic slides to make")
+  parser.add_argument("--slides", type=int, default=None,
+                      help="synthetic slides to make (default 4; 8 with --runner beam)")
+  parser.add_argument("--runner", choices=("local", "beam"), default="local",
+                      help="beam: time the Beam pipeline against the local pool on the same slides")
   parser.add_argument("--size", type=int, default=6144, help="synthetic slide side (level-0 px, 40x)")
   parser.add_argument("--patch-size", type=int, default=224)
   parser.add_argument("--magnifications", default="5,10,20,40")
@@ -105,6 +114,8 @@ def main(args) -> int:
 
   worker_counts = [int(w) for w in args.workers.split(",") if w]
   mags = grid_lib.parse_magnifications(args.magnifications)
+  if args.slides is None:
+    args.slides = 8 if args.runner == "beam" else 4
   tmp = None
   if args.dir is None:
     tmp = tempfile.TemporaryDirectory(prefix="pathjax-bench-tiling-")
@@ -116,6 +127,11 @@ def main(args) -> int:
                                       magnifications=mags, patch_size=args.patch_size)
   print(f"synthesized {args.slides} slides of {args.size}x{args.size} px in {time.perf_counter() - t0:.1f}s "
         f"({os.cpu_count()} CPUs)")
+  if args.runner == "beam":
+    code = compare_beam(data, work, worker_counts, mags, args.patch_size)
+    if tmp is not None:
+      tmp.cleanup()
+    return code
   rows = []
   example_record = None
   for w in worker_counts:
@@ -148,3 +164,34 @@ def main(args) -> int:
   if tmp is not None:
     tmp.cleanup()
   return 0
+
+
+def compare_beam(data, work, worker_counts, mags, patch_size) -> int:
+  """Local pool vs Beam DirectRunner on the same slides, per worker count, in one run."""
+  from pathjax.input import records, tile
+  rows = []
+  for w in worker_counts:
+    times = {}
+    for runner in ("local", "beam"):
+      out = os.path.join(work, f"records-{runner}-w{w}")
+      t0 = time.perf_counter()
+      manifest = tile.tile_slides(data.slide_paths, data.captions_path, out, magnifications=mags,
+                                  patch_size=patch_size, workers=w, progress=False, runner=runner)
+      times[runner] = time.perf_counter() - t0
+      assert manifest["counts"]["slides_resumed"] == 0
+    same = all(open(a, "rb").read() == open(b, "rb").read() for a, b in zip(
+        *(sorted(records.shard_paths(os.path.join(work, f"records-{r}-w{w}")) +
+                 [records.pixels_path(p) for p in records.shard_paths(os.path.join(work, f"records-{r}-w{w}"))])
+          for r in ("local", "beam"))))
+    rows.append((w, manifest["counts"]["slides_tiled"], times["local"], times["beam"], same))
+  n = len(data.slide_paths)
+  print(f"\n{'workers':>7} {'slides':>6} {'local s':>8} {'beam s':>8} {'ratio':>6} "
+        f"{'local slides/worker-h':>21} {'beam slides/worker-h':>20} {'identical':>9}")
+  for w, tiled, tl, tb, same in rows:
+    print(f"{w:>7} {n:>6} {tl:>8.1f} {tb:>8.1f} {tb / tl:>6.2f} {3600 * n / (tl * w):>21.0f} "
+          f"{3600 * n / (tb * w):>20.0f} {str(same):>9}")
+  print("ratio = Beam (DirectRunner, multi_processing, same process count) wall time / local pool "
+        "wall time, including Beam's start-up; goal <= 1.15. slides/worker-hour is for these "
+        f"synthetic slides ({os.path.basename(data.slide_paths[0])}...): scale by your slides' "
+        "tissue area")
+  return 0 if all(r[4] for r in rows) else 1

@@ -26,16 +26,24 @@ def register(parser):
   parser.add_argument("--seed", type=int, default=0)
 
 
-def _random_batch(example: dict, seed: int) -> dict:
+def _random_batch(shapes: dict, seed: int) -> dict:
+  """Data for a batch of these ShapeDtypeStructs: random pixels and token ids, every mask
+  on, no parents or labels (-1), identity colour transforms; the cost of a real step."""
   rng = np.random.default_rng(seed)
   out = {}
-  for key, x in example.items():
+  for key, x in shapes.items():
     if x.dtype == np.uint8:
       out[key] = rng.integers(0, 256, x.shape, dtype=np.uint8)
     elif x.dtype.kind == "i" and key.endswith("_ids"):
       out[key] = rng.integers(1, 100, x.shape).astype(x.dtype)
+    elif x.dtype == bool:
+      out[key] = np.ones(x.shape, bool)
+    elif key in ("parent", "labels"):
+      out[key] = np.full(x.shape, -1, x.dtype)
+    elif key == "color_transform":
+      out[key] = np.broadcast_to(np.eye(3, 4, dtype=x.dtype), x.shape).copy()
     else:
-      out[key] = x
+      out[key] = np.zeros(x.shape, x.dtype)
   return out
 
 
@@ -44,22 +52,22 @@ def measure(config, steps: int = 5, seed: int = 0) -> dict:
   from pathjax.optim import make_optimizer
   from pathjax.recipes.base import make_recipe
 
-  recipe = make_recipe(config)
   mesh = sharding.mesh_from_config(config)
+  recipe = make_recipe(config, mesh=mesh)
   rules = sharding.rules_from_config(config)
   tx, schedule = make_optimizer(config.optimizer, config.total_steps)
-  state, shardings = train_lib.create_train_state(config, recipe, mesh, tx)
-  step = train_lib.build_train_step(config, recipe, mesh, shardings, tx, schedule)
+  state, frozen, layout = train_lib.create_train_state(config, recipe, mesh, tx)
+  step = train_lib.build_train_step(config, recipe, mesh, layout, tx, schedule)
   batch = sharding.make_global_batch(_random_batch(recipe.example_batch(config.batch_size), seed),
                                      mesh, rules)
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = step.lower(state, frozen, batch).compile()
   compile_s = time.perf_counter() - t0
-  flops = _step_flops(config, mesh, batch)
+  flops = _step_flops(config, mesh, frozen, batch)
   holder = {"state": state}
 
   def one_step():
-    holder["state"], metrics = compiled(holder["state"], batch)
+    holder["state"], metrics = compiled(holder["state"], frozen, batch)
     return metrics["loss"]
 
   seconds = common.time_calls(one_step, warmup=2, min_seconds=0, min_calls=steps)
@@ -69,18 +77,18 @@ def measure(config, steps: int = 5, seed: int = 0) -> dict:
               examples_per_step=config.batch_size, images_per_step=images)
 
 
-def _step_flops(config, mesh, batch) -> float | None:
+def _step_flops(config, mesh, frozen, batch) -> float | None:
   """FLOPs of one step, counted on an unscanned build (XLA counts a scan body once)."""
   from pathjax import train as train_lib
   from pathjax.optim import make_optimizer
   from pathjax.recipes.base import make_recipe
 
   config = common.unscanned_config(config)
-  recipe = make_recipe(config)
+  recipe = make_recipe(config, mesh=mesh)
   tx, schedule = make_optimizer(config.optimizer, config.total_steps)
-  abstract, shardings = train_lib.abstract_train_state(config, recipe, mesh, tx)
-  step = train_lib.build_train_step(config, recipe, mesh, shardings, tx, schedule)
-  return common.compiled_flops(step.lower(abstract, batch).compile())
+  layout = train_lib.abstract_train_state(config, recipe, mesh, tx)
+  step = train_lib.build_train_step(config, recipe, mesh, layout, tx, schedule)
+  return common.compiled_flops(step.lower(layout.state, frozen, batch).compile())
 
 
 def main(args) -> int:

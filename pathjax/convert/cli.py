@@ -124,7 +124,7 @@ def convert(*, out: str, vision: str | None = None, vision_format: str = "timm",
             log=print) -> str:
   """Library entry point of `pathjax convert`; returns the model directory."""
   from pathjax.convert import clip_text, timm_vit
-  from pathjax.convert.safetensors_io import load_safetensors
+  from pathjax.convert.safetensors_io import open_safetensors
   from pathjax.models import model_dir, text as text_lib, vit as vit_lib
   if not vision and not text:
     raise ValueError("nothing to convert: pass --vision and/or --text")
@@ -134,7 +134,7 @@ def convert(*, out: str, vision: str | None = None, vision_format: str = "timm",
   if vision:
     if vision_format != "timm":
       raise ValueError(f"unknown vision format {vision_format!r}; valid: timm")
-    sd = load_safetensors(vision)
+    sd = open_safetensors(vision)
     fields, params = timm_vit.convert_timm_vit(
         sd, variant=vision_variant, image_size=image_size, scan=scan,
         overrides=vision_fields, pos_embed_on_prefix=pos_embed_on_prefix,
@@ -151,7 +151,7 @@ def convert(*, out: str, vision: str | None = None, vision_format: str = "timm",
         f"pool {module.pool}")
     sources.append(f"vision: {vision} ({vision_format}, variant {vision_variant})")
   if text:
-    sd = load_safetensors(text)
+    sd = open_safetensors(text)
     fmt = None if text_format == "auto" else text_format
     fields, params = clip_text.convert_clip_text(sd, fmt=fmt, scan=scan, overrides=text_fields,
                                                  source=text)

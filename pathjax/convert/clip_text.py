@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pathjax.convert.safetensors_io import WeightsError, _listing
+from pathjax.convert.safetensors_io import PrefixView, TensorReader, WeightsError, shape_of
 from pathjax.models import text as text_lib
 
 HF_PREFIX = "text_model."
@@ -87,32 +87,6 @@ def fields_from_config_file(path: str) -> dict[str, Any]:
   if "text_cfg" in config:
     return fields_from_open_clip_config(config)
   return fields_from_hf_config(config)
-
-
-class _Reader:
-  def __init__(self, sd, source):
-    self.sd, self.source, self.used, self.missing = sd, source, set(), []
-
-  def get(self, key):
-    if key not in self.sd:
-      self.missing.append(key)
-      return None
-    self.used.add(key)
-    return np.asarray(self.sd[key], np.float32)
-
-  def has(self, key):
-    return key in self.sd
-
-  def finish(self, ignore):
-    unexpected = sorted(k for k in self.sd if k not in self.used
-                        and not any(re.fullmatch(p, k) for p in ignore))
-    if self.missing or unexpected:
-      parts = [f"checkpoint {self.source} does not match the pathjax text model:"]
-      if self.missing:
-        parts.append(f"missing keys ({len(self.missing)}): {_listing(self.missing)}")
-      if unexpected:
-        parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
-      raise WeightsError("\n  ".join(parts))
 
 
 def _need(x, key):
@@ -178,7 +152,7 @@ def _depth(sd, pattern):
 
 
 def _convert_hf(sd, scan, overrides, source):
-  r = _Reader(sd, source)
+  r = TensorReader(sd, source, what="the pathjax text model")
   tok = _need(r.get("text_model.embeddings.token_embedding.weight"),
               "text_model.embeddings.token_embedding.weight")
   pos = _need(r.get("text_model.embeddings.position_embedding.weight"),
@@ -210,7 +184,7 @@ def _convert_hf(sd, scan, overrides, source):
         "mlp": {"fc1": {"kernel": fc1[0].T, "bias": fc1[1]},
                 "fc2": {"kernel": fc2[0].T, "bias": fc2[1]}},
     })
-  fields["mlp_dim"] = int(sd[f"text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]) \
+  fields["mlp_dim"] = int(shape_of(sd, "text_model.encoder.layers.0.mlp.fc1.weight")[0]) \
       if "text_model.encoder.layers.0.mlp.fc1.weight" in sd else 4 * int(width)
   fn = (r.get("text_model.final_layer_norm.weight"), r.get("text_model.final_layer_norm.bias"))
   params = {"token_embedding": {"embedding": tok}, "position_embedding": pos,
@@ -229,15 +203,13 @@ def _convert_hf(sd, scan, overrides, source):
 def _strip_open_clip(sd):
   for prefix in OPEN_CLIP_PREFIXES:
     if f"{prefix}token_embedding.weight" in sd:
-      if not prefix:
-        return dict(sd)
-      return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+      return PrefixView(sd, prefix) if prefix else sd
   raise WeightsError("not an open_clip text checkpoint: no token_embedding.weight")
 
 
 def _convert_open_clip(sd, scan, overrides, source):
   sd = _strip_open_clip(sd)
-  r = _Reader(sd, source)
+  r = TensorReader(sd, source, what="the pathjax text model")
   tok = r.get("token_embedding.weight")
   pos = _need(r.get("positional_embedding"), "positional_embedding")
   vocab, width = tok.shape
@@ -274,7 +246,7 @@ def _convert_open_clip(sd, scan, overrides, source):
     })
   fields = {"eos_id": -1, "norm_eps": 1e-5, "vocab_size": int(vocab), "width": int(width),
             "depth": depth, "context_length": int(pos.shape[0]), "proj_bias": False,
-            "mlp_dim": int(sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0])
+            "mlp_dim": int(shape_of(sd, "transformer.resblocks.0.mlp.c_fc.weight")[0])
             if "transformer.resblocks.0.mlp.c_fc.weight" in sd else 4 * int(width)}
   fl = (r.get("ln_final.weight"), r.get("ln_final.bias"))
   params = {"token_embedding": {"embedding": tok}, "position_embedding": pos,

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pathjax.convert.safetensors_io import WeightsError
+from pathjax.convert.safetensors_io import PrefixView, TensorReader, WeightsError, shape_of
 from pathjax.models import vit as vit_lib
 
 # Prefixes stripped before mapping: open_clip / CONCH timm towers keep the trunk under
@@ -67,9 +67,8 @@ def variant_info(variant: str) -> dict[str, Any]:
               patch_size=fields["patch_size"])
 
 
-def strip_prefixes(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+def strip_prefixes(sd: Mapping[str, np.ndarray]) -> tuple[Mapping[str, np.ndarray], list[str]]:
   """Keeps the ViT trunk's tensors under a known prefix; returns (tensors, ignored keys)."""
-  sd = dict(sd)
   ignored: list[str] = []
   changed = True
   while changed and "patch_embed.proj.weight" not in sd:
@@ -77,7 +76,7 @@ def strip_prefixes(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
     for prefix in TRUNK_PREFIXES:
       if f"{prefix}patch_embed.proj.weight" in sd:
         ignored += [k for k in sd if not k.startswith(prefix)]
-        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        sd = PrefixView(sd, prefix)  # lazy: nothing is read here
         changed = True
         break
   if "patch_embed.proj.weight" not in sd:
@@ -87,47 +86,11 @@ def strip_prefixes(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
   return sd, ignored
 
 
-class _Reader:
-  """Hands out checkpoint tensors by name and records which were used or missing."""
-
-  def __init__(self, sd: Mapping[str, np.ndarray], source: str):
-    self.sd = sd
-    self.used: set[str] = set()
-    self.missing: list[str] = []
-    self.source = source
-
-  def has(self, key: str) -> bool:
-    return key in self.sd
-
-  def get(self, key: str) -> np.ndarray | None:
-    if key not in self.sd:
-      self.missing.append(key)
-      return None
-    self.used.add(key)
-    return np.asarray(self.sd[key], dtype=np.float32)
-
-  def maybe(self, key: str) -> np.ndarray | None:
-    return self.get(key) if key in self.sd else None
-
-  def finish(self, ignore: tuple[str, ...] = ()) -> None:
-    unexpected = sorted(k for k in self.sd if k not in self.used
-                        and not any(re.fullmatch(p, k) for p in ignore))
-    if self.missing or unexpected:
-      from pathjax.convert.safetensors_io import _listing
-      parts = [f"checkpoint {self.source} does not match the pathjax model:"]
-      if self.missing:
-        parts.append(f"missing keys ({len(self.missing)}): {_listing(self.missing)}")
-      if unexpected:
-        parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}"
-                     " (features pathjax's ViT does not implement)")
-      raise WeightsError("\n  ".join(parts))
-
-
-def _norm(r: _Reader, name: str) -> dict[str, np.ndarray]:
+def _norm(r: TensorReader, name: str) -> dict[str, np.ndarray]:
   return {"scale": r.get(f"{name}.weight"), "bias": r.get(f"{name}.bias")}
 
 
-def _linear(r: _Reader, name: str, bias: bool | None = None) -> dict[str, np.ndarray]:
+def _linear(r: TensorReader, name: str, bias: bool | None = None) -> dict[str, np.ndarray]:
   w = r.get(f"{name}.weight")
   out = {"kernel": None if w is None else w.T}
   if bias is None:
@@ -145,25 +108,25 @@ def _square(n: int) -> int | None:
 def infer_layout(sd: Mapping[str, np.ndarray], *, pos_embed_on_prefix: bool | None = None,
                  checkpoint_image_size: int | None = None) -> dict[str, Any]:
   """The ViT fields the weights determine (see the module docstring)."""
-  w = sd["patch_embed.proj.weight"]
-  if w.ndim != 4 or w.shape[2] != w.shape[3]:
-    raise WeightsError(f"patch_embed.proj.weight has shape {tuple(w.shape)}; expected [D, C, p, p]")
-  width, patch = int(w.shape[0]), int(w.shape[2])
+  w = shape_of(sd, "patch_embed.proj.weight")
+  if len(w) != 4 or w[2] != w[3]:
+    raise WeightsError(f"patch_embed.proj.weight has shape {w}; expected [D, C, p, p]")
+  width, patch = int(w[0]), int(w[2])
   blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
   if not blocks:
     raise WeightsError("the checkpoint has no blocks.{i}.* tensors")
   depth = max(blocks) + 1
   class_token = "cls_token" in sd
-  reg_tokens = int(sd["reg_token"].shape[1]) if "reg_token" in sd else 0
+  reg_tokens = int(shape_of(sd, "reg_token")[1]) if "reg_token" in sd else 0
   num_prefix = int(class_token) + reg_tokens
 
   if "blocks.0.mlp.fc2.weight" in sd:
-    mlp_dim = int(sd["blocks.0.mlp.fc2.weight"].shape[1])
-    fc1_out = int(sd["blocks.0.mlp.fc1.weight"].shape[0]) if "blocks.0.mlp.fc1.weight" in sd else None
+    mlp_dim = int(shape_of(sd, "blocks.0.mlp.fc2.weight")[1])
+    fc1_out = int(shape_of(sd, "blocks.0.mlp.fc1.weight")[0]) if "blocks.0.mlp.fc1.weight" in sd else None
     mlp_kind = "glu_packed" if fc1_out == 2 * mlp_dim else (
         "swiglu_split" if "blocks.0.mlp.fc1_g.weight" in sd else "fc")
   elif "blocks.0.mlp.w3.weight" in sd:
-    mlp_dim = int(sd["blocks.0.mlp.w3.weight"].shape[1])
+    mlp_dim = int(shape_of(sd, "blocks.0.mlp.w3.weight")[1])
     mlp_kind = "w12"
   else:
     raise WeightsError("cannot find the MLP of block 0 (mlp.fc1/fc2, mlp.fc1_g/fc1_x/fc2 or "
@@ -174,7 +137,7 @@ def infer_layout(sd: Mapping[str, np.ndarray], *, pos_embed_on_prefix: bool | No
       reg_tokens=reg_tokens, layer_scale_init=1e-5 if "blocks.0.ls1.gamma" in sd else None,
       pre_norm="norm_pre.weight" in sd, final_norm="norm.weight" in sd,
       qkv_bias="blocks.0.attn.qkv.bias" in sd, patch_bias="patch_embed.proj.bias" in sd,
-      num_classes=int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0)
+      num_classes=int(shape_of(sd, "head.weight")[0]) if "head.weight" in sd else 0)
   if mlp_kind != "fc":
     fields["mlp_activation"] = "swiglu"
   if "fc_norm.weight" in sd:
@@ -183,7 +146,7 @@ def infer_layout(sd: Mapping[str, np.ndarray], *, pos_embed_on_prefix: bool | No
   if "pos_embed" not in sd:
     fields.update(pos_embed="none", image_size=checkpoint_image_size or 224)
     return {**fields, "_mlp_kind": mlp_kind, "_grid": None}
-  n = int(sd["pos_embed"].shape[1])
+  n = int(shape_of(sd, "pos_embed")[1])
   candidates = []  # (on_prefix, grid)
   for on_prefix in ((True, False) if num_prefix else (True,)):
     tokens = n - num_prefix if on_prefix else n
@@ -219,7 +182,8 @@ def convert_timm_vit(sd: Mapping[str, np.ndarray], *, variant: str | None = None
                      pos_embed_on_prefix: bool | None = None,
                      checkpoint_image_size: int | None = None,
                      source: str = "<state dict>") -> tuple[dict[str, Any], dict[str, Any]]:
-  """Converts a timm ViT state dict; returns (ViT fields, params tree of float32 numpy).
+  """Converts a timm ViT state dict (any mapping; a `SafetensorsReader` is read lazily, one
+  tensor at a time); returns (ViT fields, params tree of numpy in the stored dtype).
 
   `variant` ("L/16", "uni2-h", ...) or `overrides["num_heads"]` supplies the heads;
   `overrides` sets any other ViT field the weights do not determine (norm_eps, pool,
@@ -261,7 +225,7 @@ def convert_timm_vit(sd: Mapping[str, np.ndarray], *, variant: str | None = None
     raise ValueError(f"unknown ViT fields {sorted(unknown)}; valid: "
                      f"{', '.join(vit_lib.config_dict(vit_lib.ViT()))}")
 
-  r = _Reader(sd, source)
+  r = TensorReader(sd, source, what="the pathjax model")
   params: dict[str, Any] = {}
   kernel = r.get("patch_embed.proj.weight")
   params["patch_embed"] = {"kernel": kernel.transpose(2, 3, 1, 0)}
@@ -287,7 +251,7 @@ def convert_timm_vit(sd: Mapping[str, np.ndarray], *, variant: str | None = None
     params["fc_norm"] = _norm(r, "fc_norm")
   if layout["num_classes"]:
     params["head"] = _linear(r, "head")
-  r.finish()  # missing / unexpected keys, listed, before anything is stacked
+  r.finish(note=" (features pathjax's ViT does not implement)")  # listed before stacking
 
   from pathjax.convert.safetensors_io import check_tree
   from pathjax.tree_utils import flatten, unflatten
@@ -304,7 +268,7 @@ def convert_timm_vit(sd: Mapping[str, np.ndarray], *, variant: str | None = None
   return fields, params
 
 
-def _block(r: _Reader, pre: str, width: int, heads: int, hd: int, mlp_kind: str,
+def _block(r: TensorReader, pre: str, width: int, heads: int, hd: int, mlp_kind: str,
            layout: Mapping[str, Any]) -> dict[str, Any]:
   qkv_w = r.get(pre + "attn.qkv.weight")
   if qkv_w is None:
@@ -356,7 +320,8 @@ def _resize_pos_embed(pos: np.ndarray, grid: int, patch: int, image_size: int,
   new_grid = image_size // patch
   if new_grid == grid:
     return pos
-  prefix, body = pos[:, :num_prefix], pos[:, num_prefix:]
+  prefix, body = pos[:, :num_prefix], pos[:, num_prefix:].astype(np.float32)
   d = pos.shape[-1]
   body = vit_lib.resize_pos_embed_grid(body.reshape(grid, grid, d), (new_grid, new_grid))
+  body = np.asarray(body).astype(pos.dtype)  # resampled in float32, stored as the checkpoint
   return np.concatenate([prefix, body.reshape(1, new_grid * new_grid, d)], axis=1)

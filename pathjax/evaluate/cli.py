@@ -23,7 +23,9 @@ def register(parser: argparse.ArgumentParser) -> None:
   src = parser.add_mutually_exclusive_group()
   src.add_argument("--model", help="a model directory (pathjax convert / the trainer's export)")
   src.add_argument("--workdir", help="a training workdir; its model directory DIR/model is evaluated")
-  parser.add_argument("--task", choices=tasks_lib.TASKS, default="zeroshot")
+  parser.add_argument("--task", default="zeroshot",
+                      help=f"a registered task ({', '.join(tasks_lib.task_names())}) or "
+                           "module.path:name of a task module")
   parser.add_argument("--data", help="data spec: imagefolder:DIR, csv:FILE, jsonl:FILE, "
                       "tfds:NAME[:SPLIT], records:DIR[@MAG], slides:DIR (options after '?', e.g. ?mpp=0.5)")
   parser.add_argument("--train-data", help="probes: training data spec (default: a stratified split of --data)")
@@ -69,8 +71,9 @@ def main(args) -> int:
   except ImportError:  # pragma: no cover
     ModelDirError = ValueError
   expected = (data_lib.DataError, prompts_lib.PromptError, features_lib.EmbedderError, ModelDirError,
-              FileNotFoundError)
+              FileNotFoundError, tasks_lib.TaskError)
   try:
+    task = tasks_lib.get_task(args.task)  # an unknown task fails before any data is read
     dataset = data_lib.load_dataset(args.data)
     for w in dataset.warnings:
       print(f"warning: {w}", file=sys.stderr)
@@ -83,9 +86,8 @@ def main(args) -> int:
     if args.task in ("zeroshot", "cross_mag") and args.prompts:
       prompts_lib.load_prompts(args.prompts)  # a bad prompt file fails before the model loads
     embedder = features_lib.Embedder.from_model_dir(_model_dir(args))
-    if args.task in ("zeroshot", "cross_mag", "retrieval"):
-      embedder.require_text({"zeroshot": "zero-shot classification", "cross_mag": "cross-magnification zero-shot",
-                             "retrieval": "retrieval"}[args.task])
+    if "text" in task.needs:
+      embedder.require_text(args.task)
     result = tasks_lib.run_task(
         args.task, dataset, embedder, prompts=args.prompts, train_dataset=train,
         magnification=args.magnification,

@@ -19,6 +19,7 @@ import sys
 from typing import Callable, Sequence
 
 import numpy as np
+import sklearn.preprocessing
 
 from pathjax.evaluate import data as data_lib
 
@@ -28,8 +29,8 @@ class EmbedderError(ValueError):
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
-  x = np.asarray(x, np.float32)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  """Rows [N, D] scaled to unit L2 norm (zero rows stay zero), float32."""
+  return sklearn.preprocessing.normalize(np.asarray(x, np.float32))
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""Classification and retrieval metrics in numpy (scikit-learn's definitions, tested against it).
+"""Classification and retrieval metrics: scikit-learn's, with its edge cases pinned down.
 
 Labels and predictions are integer class indices into a fixed class list of size C (the
 prompt file's classes for zero-shot, the dataset's classes otherwise). Classes of that list
@@ -23,81 +23,57 @@ may be absent from the labels; each metric treats them the way scikit-learn does
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
+import scipy.special
+from sklearn import metrics as skm
+
+
+def _quiet(fn, *args, **kwargs):
+  """scikit-learn warns for absent classes and empty inputs; the docstring says what we do."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    return fn(*args, **kwargs)
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-  labels = np.asarray(labels, np.int64)
-  preds = np.asarray(preds, np.int64)
-  cm = np.zeros((num_classes, num_classes), np.int64)
-  np.add.at(cm, (labels, preds), 1)
-  return cm
+  return skm.confusion_matrix(labels, preds, labels=np.arange(num_classes))
 
 
 def accuracy(labels, preds) -> float:
-  labels, preds = np.asarray(labels), np.asarray(preds)
-  return float(np.mean(labels == preds)) if labels.size else float("nan")
+  labels = np.asarray(labels)
+  return float(skm.accuracy_score(labels, preds)) if labels.size else float("nan")
 
 
 def balanced_accuracy(labels, preds, num_classes: int | None = None) -> float:
-  labels, preds = np.asarray(labels, np.int64), np.asarray(preds, np.int64)
-  c = num_classes or int(max(labels.max(initial=-1), preds.max(initial=-1)) + 1)
-  cm = confusion_matrix(labels, preds, c)
-  support = cm.sum(1)
-  present = support > 0
-  if not present.any():
-    return float("nan")
-  return float(np.mean(np.diag(cm)[present] / support[present]))
-
-
-def _f1_per_class(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  tp = np.diag(cm).astype(np.float64)
-  support = cm.sum(1).astype(np.float64)
-  predicted = cm.sum(0).astype(np.float64)
-  denom = support + predicted
-  f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
-  used = (support > 0) | (predicted > 0)
-  return f1, support, used
+  """Mean recall over the classes present in `labels` (`num_classes` is not needed)."""
+  del num_classes
+  labels = np.asarray(labels)
+  return float(_quiet(skm.balanced_accuracy_score, labels, preds)) if labels.size else float("nan")
 
 
 def f1_scores(labels, preds, num_classes: int | None = None) -> dict[str, float]:
   """{"macro_f1", "weighted_f1"} over the classes present in labels or predictions."""
-  labels, preds = np.asarray(labels, np.int64), np.asarray(preds, np.int64)
-  c = num_classes or int(max(labels.max(initial=-1), preds.max(initial=-1)) + 1)
-  f1, support, used = _f1_per_class(confusion_matrix(labels, preds, c))
-  if not used.any():
+  del num_classes
+  if not np.asarray(labels).size:
     return {"macro_f1": float("nan"), "weighted_f1": float("nan")}
-  macro = float(f1[used].mean())
-  weighted = float((f1 * support).sum() / support.sum()) if support.sum() else 0.0
-  return {"macro_f1": macro, "weighted_f1": weighted}
+  f1 = lambda average: float(_quiet(skm.f1_score, labels, preds, average=average, zero_division=0))
+  return {"macro_f1": f1("macro"), "weighted_f1": f1("weighted")}
 
 
 def per_class_f1(labels, preds, num_classes: int) -> np.ndarray:
-  f1, _, _ = _f1_per_class(confusion_matrix(labels, preds, num_classes))
-  return f1
+  return _quiet(skm.f1_score, labels, preds, labels=np.arange(num_classes), average=None,
+                zero_division=0)
 
 
 def binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:
-  """ROC AUC of boolean `positive` scored by `scores` (ties count half; Mann-Whitney U)."""
+  """ROC AUC of boolean `positive` scored by `scores`; NaN without both classes."""
   positive = np.asarray(positive, bool)
-  scores = np.asarray(scores, np.float64)
-  n_pos = int(positive.sum())
-  n_neg = positive.size - n_pos
-  if n_pos == 0 or n_neg == 0:
+  if positive.all() or not positive.any():
     return float("nan")
-  # Average ranks handle ties exactly as the trapezoidal ROC area does.
-  order = np.argsort(scores, kind="mergesort")
-  sorted_scores = scores[order]
-  ranks = np.empty(scores.size, np.float64)
-  boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
-  starts = np.concatenate([[0], boundaries])
-  ends = np.concatenate([boundaries, [scores.size]])
-  avg = (starts + ends + 1) / 2.0  # 1-based average rank of each tie group
-  ranks[order] = np.repeat(avg, ends - starts)
-  u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
-  return float(u / (n_pos * n_neg))
+  return float(skm.roc_auc_score(positive, scores))
 
 
 def ovr_auc(labels, scores: np.ndarray) -> float:
@@ -114,31 +90,16 @@ def ovr_auc(labels, scores: np.ndarray) -> float:
 
 def cohen_kappa(labels, preds, num_classes: int, weights: str | None = None) -> float:
   """Cohen's kappa over classes 0..C-1; weights None, "linear" or "quadratic"."""
-  cm = confusion_matrix(labels, preds, num_classes).astype(np.float64)
-  n = cm.sum()
-  if n == 0:
-    return float("nan")
-  expected = np.outer(cm.sum(1), cm.sum(0)) / n
-  idx = np.arange(num_classes)
-  if weights is None:
-    w = 1.0 - np.eye(num_classes)
-  elif weights == "linear":
-    w = np.abs(idx[:, None] - idx[None, :]).astype(np.float64)
-  elif weights == "quadratic":
-    w = ((idx[:, None] - idx[None, :]) ** 2).astype(np.float64)
-  else:
+  if weights not in (None, "linear", "quadratic"):
     raise ValueError(f"weights must be None, 'linear' or 'quadratic', got {weights!r}")
-  denom = (w * expected).sum()
-  if denom == 0:
+  if not np.asarray(labels).size:
     return float("nan")
-  return float(1.0 - (w * cm).sum() / denom)
+  return float(_quiet(skm.cohen_kappa_score, labels, preds, labels=np.arange(num_classes),
+                      weights=weights))
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
-  logits = np.asarray(logits, np.float64)
-  z = logits - logits.max(axis=axis, keepdims=True)
-  e = np.exp(z)
-  return e / e.sum(axis=axis, keepdims=True)
+  return scipy.special.softmax(np.asarray(logits, np.float64), axis=axis)
 
 
 def classification_metrics(labels, scores: np.ndarray, *, preds=None) -> dict[str, float]:

@@ -145,18 +145,14 @@ def match_labels(prompts: Prompts, labels: Sequence[str]) -> dict[str, str]:
   return mapping
 
 
-def _l2(x: np.ndarray) -> np.ndarray:
-  x = np.asarray(x, np.float64)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def build_classifier(prompts: Prompts, embed_texts: Callable[[list[str]], np.ndarray]) -> np.ndarray:
   """[C, E] class embeddings (CONCH's ensemble). `embed_texts(list of str) -> [N, E]`."""
+  from pathjax.evaluate.features import l2_normalize
   all_texts, spans = [], []
   for cls in prompts.classes:
     texts = prompts.texts(cls)
     spans.append((len(all_texts), len(all_texts) + len(texts)))
     all_texts += texts
-  emb = _l2(np.asarray(embed_texts(all_texts)))
-  weights = np.stack([_l2(emb[a:b]).mean(0) for a, b in spans])
-  return _l2(weights).astype(np.float32)
+  emb = l2_normalize(np.asarray(embed_texts(all_texts)))
+  weights = np.stack([l2_normalize(emb[a:b]).mean(0) for a, b in spans])
+  return l2_normalize(weights).astype(np.float32)

@@ -4,7 +4,8 @@ The trainer calls `make_evaluator` once per entry of `config.evals` and then
 `evaluator(params, step) -> {name/metric: float}` every `eval_config.every` steps. Fields of
 an entry (`eval_config()` gives the defaults):
 
-    kind            zeroshot | cross_mag | linear_probe | knn | kshot | retrieval
+    kind            a registered task (pathjax.evaluate.tasks.task_names(): zeroshot,
+                    cross_mag, linear_probe, knn, kshot, retrieval, ...) or module.path:name
     name            prefix of the returned metrics (default: kind)
     every           steps between runs (read by the trainer; also `evaluator.every`)
     data            a data spec (pathjax.evaluate.data), e.g. "slides:/data/synth" or
@@ -17,7 +18,9 @@ an entry (`eval_config()` gives the defaults):
     batch_size      images per forward pass
     k, shots, seeds, seed, test_fraction: probe options
 
-The image and text encoders are `recipe.encoders(params)`, jitted once per evaluator with
+The model side is `recipe.predict_fns(params)`, an open set of named functions; a task
+declares the keys it needs (pathjax.evaluate.tasks.register_task) and the evaluator checks
+them before reading data. "image" and "text" are jitted once per evaluator with
 the params as an argument (no recompilation per call); the tokenizer is
 `recipe.config.input.tokenizer`. Every host runs the same evaluation on the same data (the
 data are small and read identically), so params sharded across hosts are fine: the host
@@ -65,11 +68,11 @@ def _get(cfg, key, default=None):
 
 
 def recipe_embedder(recipe, tokenizer=None) -> Callable[[Any], features_lib.Embedder]:
-  """params -> Embedder over `recipe.encoders(params)`, the encoders jitted once."""
+  """params -> Embedder over `recipe.predict_fns(params)`'s image and text, jitted once."""
   import jax
   cfg = recipe.config
-  image_jit = jax.jit(lambda p, x: recipe.encoders(p)["image"](x))
-  text_jit = jax.jit(lambda p, ids: recipe.encoders(p)["text"](ids))
+  image_jit = jax.jit(lambda p, x: recipe.predict_fns(p)["image"](x))
+  text_jit = jax.jit(lambda p, ids: recipe.predict_fns(p)["text"](ids))
   state = {"tokenizer": tokenizer}
 
   def make(params) -> features_lib.Embedder:
@@ -85,8 +88,14 @@ def recipe_embedder(recipe, tokenizer=None) -> Callable[[Any], features_lib.Embe
 def make_evaluator(eval_cfg, recipe, *, tokenizer=None, log: Callable[[str], None] | None = None):
   """evaluator(params, step) -> dict of floats, keys "{name}/{metric}"."""
   kind = _get(eval_cfg, "kind", "zeroshot")
-  if kind not in tasks_lib.TASKS:
-    raise ValueError(f"evals: unknown kind {kind!r}; valid kinds: {', '.join(tasks_lib.TASKS)}")
+  try:
+    task = tasks_lib.get_task(kind)
+  except ValueError as e:
+    raise ValueError(f"evals: {e}") from None
+  provided = set(recipe.predict_fns(None))  # keys only: the functions are not called
+  if not set(task.needs) <= provided:
+    raise ValueError(f"evals: task {kind!r} needs predict functions {sorted(task.needs)}, but "
+                     f"recipe {recipe.config.recipe!r} provides {sorted(provided)}")
   spec = _get(eval_cfg, "data", "")
   if not spec:
     raise ValueError(f"evals: the {kind} entry needs `data` (a data spec such as slides:DIR, "

@@ -10,8 +10,11 @@ coordinates of the patch's top-left corner, `keywords` (optional) are supplied k
 that replace extraction, `label` (optional) is a ground-truth class (synthetic slides).
 
 Nothing is dropped silently: a line that is not valid UTF-8, not a JSON object, lacks a
-field or has a wrong type, or repeats a key already seen is an issue with its line number;
-the first entry of a repeated key is kept. Patches without a caption are counted by the
+field or has a wrong type, holds text that cannot be written as UTF-8 (an unpaired
+surrogate such as `"\\ud800"`), or repeats a key already seen is an issue with its line
+number; the first entry of a repeated key is kept. `parse_line` and `merge_entries` are the
+two steps, so a distributed tiler (pathjax.input.tile_beam) can parse lines anywhere and
+join them by slide id; `load_captions` is both in one process. Patches without a caption are counted by the
 tiler as missing, and no caption is ever invented.
 """
 
@@ -19,8 +22,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
-from typing import Any
+from typing import Any, Iterable
 
 Key = tuple[str, float, int, int]
 
@@ -40,7 +44,7 @@ class CaptionEntry:
 @dataclasses.dataclass
 class CaptionIssue:
   line: int
-  kind: str  # invalid_utf8 | malformed_json | not_an_object | missing_field | bad_value | duplicate_key
+  kind: str  # invalid_utf8 | malformed_json | not_an_object | missing_field | bad_value | invalid_unicode | duplicate_key
   message: str
 
   def to_json(self) -> dict[str, Any]:
@@ -64,11 +68,17 @@ class CaptionIndex:
     return dict(collections.Counter(i.kind for i in self.issues))
 
   def summary(self, max_issues: int = 20) -> dict[str, Any]:
-    return {
-        "path": self.path, "lines": self.lines, "entries": len(self.entries),
-        "issues": len(self.issues), "issues_by_kind": self.issue_counts(),
-        "first_issues": [i.to_json() for i in self.issues[:max_issues]],
-    }
+    return summarize(self.path, self.lines, len(self.entries), self.issues, max_issues)
+
+
+def summarize(path: str | None, lines: int, entries: int, issues: list[CaptionIssue],
+              max_issues: int = 20) -> dict[str, Any]:
+  """The manifest's summary of a captions file (counts, issues by kind, the first issues)."""
+  return {
+      "path": path, "lines": lines, "entries": entries, "issues": len(issues),
+      "issues_by_kind": dict(collections.Counter(i.kind for i in issues)),
+      "first_issues": [i.to_json() for i in issues[:max_issues]],
+  }
 
 
 def empty_index() -> CaptionIndex:
@@ -97,44 +107,88 @@ def _parse_line(obj: Any, lineno: int) -> tuple[Key, CaptionEntry] | CaptionIssu
   label = obj.get("label")
   if label is not None and not isinstance(label, str):
     return CaptionIssue(lineno, "bad_value", "'label' must be a string")
+  for name, text in [("slide", slide), ("caption", caption), ("label", label or "")] + [
+      ("keywords", k) for k in keywords or []]:
+    try:
+      text.encode("utf-8")
+    except UnicodeEncodeError as e:
+      return CaptionIssue(lineno, "invalid_unicode",
+                          f"'{name}' holds an unpaired surrogate {text[e.start]!r} at character "
+                          f"{e.start}, which cannot be stored as UTF-8; fix the captioner's output")
   return make_key(slide, mag, x, y), CaptionEntry(caption=caption, line=lineno, keywords=keywords, label=label)
+
+
+def parse_line(raw: bytes, lineno: int) -> tuple[Key, CaptionEntry] | CaptionIssue | None:
+  """One line of a captions file: (key, entry), an issue, or None for a blank line."""
+  if not raw.strip():
+    return None
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    return CaptionIssue(lineno, "invalid_utf8", f"not valid UTF-8 at byte {e.start}: {e.reason}")
+  try:
+    obj = json.loads(text)
+  except json.JSONDecodeError as e:
+    return CaptionIssue(lineno, "malformed_json", f"not JSON: {e.msg} (column {e.colno})")
+  return _parse_line(obj, lineno)
+
+
+def merge_entries(parsed: Iterable[tuple[Key, CaptionEntry]]
+                  ) -> tuple[dict[Key, CaptionEntry], list[CaptionIssue]]:
+  """Entries in line order with repeated keys dropped (the first is kept) as issues."""
+  entries: dict[Key, CaptionEntry] = {}
+  issues: list[CaptionIssue] = []
+  for key, entry in sorted(parsed, key=lambda kv: kv[1].line):
+    if key in entries:
+      first = entries[key]
+      same = "same caption" if first.caption == entry.caption else "different caption"
+      issues.append(CaptionIssue(
+          entry.line, "duplicate_key",
+          f"key (slide={key[0]!r}, magnification={key[1]:g}, x={key[2]}, y={key[3]}) already "
+          f"given at line {first.line} ({same}); the first is kept"))
+      continue
+    entries[key] = entry
+  return entries, issues
+
+
+def digest(entries: dict[Key, CaptionEntry]) -> str:
+  """A digest of one slide's captions (not their line numbers): records made with other
+  captions are out of date."""
+  h = hashlib.sha256()
+  for key in sorted(entries):
+    e = entries[key]
+    h.update(json.dumps([list(key), e.caption, e.keywords, e.label], ensure_ascii=True).encode())
+  return h.hexdigest()[:32]
+
+
+def read_lines(path: str) -> Iterable[tuple[int, bytes]]:
+  """(line number, raw bytes) of a local or remote (fsspec URL) captions file."""
+  from pathjax.input import storage
+  if storage.isdir(path):
+    raise IsADirectoryError(f"captions file {path} is a directory; pass the JSON-lines file itself")
+  if not storage.exists(path):
+    raise FileNotFoundError(f"captions file {path} does not exist")
+  with storage.open_binary(path) as f:
+    yield from enumerate(f, start=1)
 
 
 def load_captions(path: str) -> CaptionIndex:
   """Reads a captions file; problems are returned as issues (see module doc), not raised.
 
-  Raises FileNotFoundError if the file does not exist.
+  Raises FileNotFoundError if the file does not exist, IsADirectoryError for a directory.
   """
-  entries: dict[Key, CaptionEntry] = {}
+  parsed: list[tuple[Key, CaptionEntry]] = []
   issues: list[CaptionIssue] = []
   lines = 0
-  with open(path, "rb") as f:
-    for lineno, raw in enumerate(f, start=1):
-      if not raw.strip():
-        continue
-      lines += 1
-      try:
-        text = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        issues.append(CaptionIssue(lineno, "invalid_utf8", f"not valid UTF-8 at byte {e.start}: {e.reason}"))
-        continue
-      try:
-        obj = json.loads(text)
-      except json.JSONDecodeError as e:
-        issues.append(CaptionIssue(lineno, "malformed_json", f"not JSON: {e.msg} (column {e.colno})"))
-        continue
-      parsed = _parse_line(obj, lineno)
-      if isinstance(parsed, CaptionIssue):
-        issues.append(parsed)
-        continue
-      key, entry = parsed
-      if key in entries:
-        first = entries[key]
-        same = "same caption" if first.caption == entry.caption else "different caption"
-        issues.append(CaptionIssue(
-            lineno, "duplicate_key",
-            f"key (slide={key[0]!r}, magnification={key[1]:g}, x={key[2]}, y={key[3]}) already "
-            f"given at line {first.line} ({same}); the first is kept"))
-        continue
-      entries[key] = entry
+  for lineno, raw in read_lines(path):
+    item = parse_line(raw, lineno)
+    if item is None:
+      continue
+    lines += 1
+    if isinstance(item, CaptionIssue):
+      issues.append(item)
+    else:
+      parsed.append(item)
+  entries, duplicates = merge_entries(parsed)
+  issues = sorted(issues + duplicates, key=lambda i: i.line)
   return CaptionIndex(path=path, entries=entries, issues=issues, lines=lines)

@@ -66,37 +66,9 @@ import numpy as np
 from pathjax.input import records as records_lib
 from pathjax.input import sampling
 from pathjax.input import transforms
+from pathjax.input.input_config import SAMPLING_MODES, default_input_config  # noqa: F401  (re-exported)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-SAMPLING_MODES = ("chain", "children", "all")
-
-
-def default_input_config() -> ml_collections.ConfigDict:
-  """`config.input` of a recipe config (every field is an override: --config.input.X=...)."""
-  c = ml_collections.ConfigDict()
-  c.records_dir = ""            # a finished `pathjax tile` output
-  c.eval_records_dir = ""       # held-out records for evaluation (make_eval_iterator)
-  c.global_batch_size = 64      # examples (bags) per step over all hosts
-  c.eval_batch_size = 64
-  c.levels = None               # tree levels to emit (0 = root / lowest magnification); None = all
-  c.image_size = 0              # 0: the records' patch size; else resize to this
-  c.sampling = "chain"          # 'chain' (1 patch per level) | 'children' | 'all' (full bag)
-  c.children_per_level = 2      # k children per chosen patch when sampling == 'children'
-  c.min_tissue = 0.0            # descendants below this tissue fraction are avoided and masked
-  c.max_keywords = 16           # K: keywords per example (the text bag), masked when fewer
-  c.context_length = 77
-  c.tokenizer = ""              # tokenizer directory (or hub name when online)
-  c.augment = transforms.augment_config()
-  c.worker_count = 0            # Grain worker processes (0 = in the main process)
-  c.worker_buffer_size = 2      # batches buffered per worker
-  c.read_threads = 0            # threads per process reading/decoding (0 = synchronous)
-  c.num_epochs = None           # None = repeat forever
-  c.shuffle = True
-  c.seed = 0
-  c.class_names = ()            # Patch.label vocabulary for `labels`
-  return c
-
 
 def children_per_level(config) -> int | str:
   mode = config.get("sampling", "chain")
@@ -389,139 +361,6 @@ def make_train_iterator(config, *, tokenizer=None, process_index=None, process_c
                                  worker_count=worker_count))
 
 
-def make_eval_iterator(config, *, tokenizer=None, records_dir=None, batch_size=None,
-                       process_index=None, process_count=None, worker_count=None):
-  """One pass over every record in order, no augmentation; the final batch is padded.
-
-  Each host gets ceil(N / P) positions (host p: records p, p+P, ...); `valid` [B] marks
-  real examples (padding repeats a real record with valid=False). The sampled patches and
-  keywords are fixed per record (seeded by config.seed). `batch_size` is per host; the
-  default is config.eval_batch_size / process_count.
-  """
-  process_index, process_count = resolve_process(process_index, process_count)
-  source, _ = records_lib.open_records(records_dir or config.get("eval_records_dir")
-                                       or config.records_dir)
-  plan = ShardPlan(len(source), process_index, process_count, shuffle=False,
-                   seed=int(config.get("seed", 0)), pad=True)
-  if batch_size is None:
-    batch_size = _per_host_batch(int(config.get("eval_batch_size", config.global_batch_size)),
-                                 process_count)
-  num_batches = -(-plan.per_epoch // batch_size)
-  examples = BagExamples(source, plan, _spec(config, config.get("seed", 0)), train=False)
-  text = _as_text_tokenizer(tokenizer, config)
-  ds = grain.MapDataset.range(num_batches * batch_size).map(_PadTo(examples, plan.per_epoch))
-  ds = ds.batch(batch_size, drop_remainder=True, batch_fn=Collate(text))
-  return iter(_finish(ds, config, worker_count))
-
-
-class _PadTo:
-  """Positions past `n` repeat position 0 with valid=False."""
-
-  def __init__(self, fn, n):
-    self.fn, self.n = fn, n
-
-  def __call__(self, index):
-    if index < self.n:
-      return self.fn(index)
-    example = self.fn(0)
-    example["valid"] = np.bool_(False)
-    return example
-
-
-# ----------------------------------------------------------------------------------------
-# Flat patch view for evaluation
-
-
-def index_patches(source, magnification: float, *, min_tissue: float = 0.0,
-                  rel_tol: float = 1e-3) -> np.ndarray:
-  """[(record, patch index)] of every patch at `magnification` (one scan of the records)."""
-  rows = []
-  for r in range(len(source)):
-    bag = source.bag(r)
-    for i, p in enumerate(bag.patches):
-      if abs(p.magnification - magnification) <= rel_tol * magnification and p.tissue >= min_tissue:
-        rows.append((r, i))
-  return np.asarray(rows, np.int64).reshape(-1, 2)
-
-
-class PatchExamples:
-  def __init__(self, source, index: np.ndarray, plan: ShardPlan, image_size: int,
-               class_names: Sequence[str]):
-    self.source, self.index, self.plan = source, index, plan
-    self.image_size = image_size
-    self._label_index = {name: i for i, name in enumerate(class_names)}
-
-  def __call__(self, position: int) -> dict[str, Any]:
-    valid = position < self.plan.per_epoch
-    _, g, in_range = self.plan.locate(position if valid else 0)
-    valid = valid and in_range
-    record, patch_index = (int(v) for v in self.index[g])
-    bag = self.source.bag(record)
-    patch = bag.patches[patch_index]
-    size = self.image_size or bag.patch_size
-    jpeg, = self.source.jpegs(record, bag, [patch_index])
-    return {
-        "images": transforms.decode_to_array(jpeg, size),
-        "labels": np.int32(self._label_index.get(patch.label, -1)),
-        "magnification": np.float32(patch.magnification),
-        "tissue": np.float32(patch.tissue),
-        "caption_mask": np.bool_(patch.has_caption),
-        "captions": patch.caption if patch.has_caption else "",
-        "record_index": np.int32(record), "patch_index": np.int32(patch_index),
-        "x": np.int64(patch.x), "y": np.int64(patch.y),
-        "slide_id": bag.slide_id, "label_name": patch.label,
-        "valid": np.bool_(valid),
-    }
-
-
-def make_patch_iterator(records_dir: str, magnification: float, batch_size: int, *,
-                        tokenizer=None, context_length: int = 77, image_size: int = 0,
-                        min_tissue: float = 0.0, class_names: Sequence[str] = (),
-                        process_index=None, process_count=None, worker_count: int = 0,
-                        read_threads: int = 0):
-  """Every patch of every bag at one magnification, in record order, once; for evaluation.
-
-  Batches (per host, `batch_size` per host): images uint8 [B, H, W, 3], labels int32 [B]
-  (-1 unknown), magnification, tissue float32 [B], caption_ids int32 [B, ctx] (with a
-  tokenizer), caption_mask bool [B], record_index/patch_index int32 [B], x/y int64 [B],
-  slide_id/label_name/captions str [B], valid bool [B] (False for the final batch's padding).
-  Hosts take disjoint positions (p, p+P, ...) and the same number of batches.
-  """
-  process_index, process_count = resolve_process(process_index, process_count)
-  source, _ = records_lib.open_records(records_dir)
-  index = index_patches(source, magnification, min_tissue=min_tissue)
-  if not len(index):
-    raise ValueError(f"{records_dir} has no patch at magnification {magnification}")
-  plan = ShardPlan(len(index), process_index, process_count, shuffle=False, pad=True)
-  num_batches = -(-plan.per_epoch // batch_size)
-  from pathjax.input.tokenize import TextTokenizer
-  if tokenizer is not None and not isinstance(tokenizer, TextTokenizer):
-    tokenizer = TextTokenizer(tokenizer, context_length)
-  ds = grain.MapDataset.range(num_batches * batch_size).map(
-      PatchExamples(source, index, plan, image_size, class_names))
-  ds = ds.batch(batch_size, drop_remainder=True,
-                batch_fn=Collate(tokenizer, (("captions", "caption_ids"),), keep=("captions",)))
-  config = ml_collections.ConfigDict({"worker_count": worker_count, "read_threads": read_threads,
-                                      "worker_buffer_size": 2})
-  return iter(_finish(ds, config, None))
-
-
-# ----------------------------------------------------------------------------------------
-# Global batches
-
-
-def to_global(batch: dict[str, Any], mesh, rules) -> dict[str, Any]:
-  """Per-host numpy batch -> global jax.Arrays split over the mesh's data axes.
-
-  Uses pathjax.sharding.make_global_batch; string arrays (ids, captions kept for
-  inspection) stay on the host and are dropped from the result.
-  """
-  from pathjax import sharding
-  numeric = {k: v for k, v in batch.items()
-             if not (isinstance(v, np.ndarray) and v.dtype.kind in "USO")}
-  return sharding.make_global_batch(numeric, mesh, rules)
-
-
 def batches_per_epoch(config, process_count: int | None = None) -> int:
   """Training steps per epoch (per host), for schedules."""
   if process_count is None:
@@ -532,8 +371,8 @@ def batches_per_epoch(config, process_count: int | None = None) -> int:
   return len(source) // int(config.global_batch_size)
 
 
-def example_batch(config, global_batch_size: int) -> dict[str, np.ndarray]:
-  """Zeros shaped like a global training batch of `make_train_iterator` (for tracing/AOT).
+def batch_shapes(config, global_batch_size: int) -> dict[str, "jax.ShapeDtypeStruct"]:
+  """ShapeDtypeStructs of a global training batch of `make_train_iterator` (tracing/AOT).
 
   Needs `config.levels` (or the default of 4 tree levels) and `config.image_size`, since no
   records are read.
@@ -545,21 +384,23 @@ def example_batch(config, global_batch_size: int) -> dict[str, np.ndarray]:
   if not size:
     raise ValueError("example_batch needs config.input.image_size (the records' patch size)")
   b, k, t = global_batch_size, int(config.get("max_keywords", 16)), int(config.get("context_length", 77))
+  import jax
+  shape = lambda dims, dtype: jax.ShapeDtypeStruct(dims, np.dtype(dtype))
   return {
-      "images": np.zeros((b, p, size, size, 3), np.uint8),
-      "magnification": np.zeros((b, p), np.float32),
-      "level": np.zeros((b, p), np.int32),
-      "parent": np.full((b, p), -1, np.int32),
-      "patch_mask": np.ones((b, p), bool),
-      "patch_index": np.zeros((b, p), np.int32),
-      "labels": np.full((b, p), -1, np.int32),
-      "caption_mask": np.ones((b, p), bool),
-      "keyword_mask": np.ones((b, k), bool),
-      "record_index": np.zeros((b,), np.int32),
-      "caption_ids": np.zeros((b, p, t), np.int32),
-      "keyword_ids": np.zeros((b, k, t), np.int32),
-      **({"color_transform": np.broadcast_to(transforms.IDENTITY_COLOR, (b, p, 3, 4)).copy(),
-          "dihedral": np.zeros((b, p), np.int32)} if _augments_on_device(config) else {}),
+      "images": shape((b, p, size, size, 3), np.uint8),
+      "magnification": shape((b, p), np.float32),
+      "level": shape((b, p), np.int32),
+      "parent": shape((b, p), np.int32),
+      "patch_mask": shape((b, p), bool),
+      "patch_index": shape((b, p), np.int32),
+      "labels": shape((b, p), np.int32),
+      "caption_mask": shape((b, p), bool),
+      "keyword_mask": shape((b, k), bool),
+      "record_index": shape((b,), np.int32),
+      "caption_ids": shape((b, p, t), np.int32),
+      "keyword_ids": shape((b, k, t), np.int32),
+      **({"color_transform": shape((b, p, 3, 4), np.float32),
+          "dihedral": shape((b, p), np.int32)} if _augments_on_device(config) else {}),
   }
 
 

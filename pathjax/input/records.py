@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 from array_record.python import array_record_module
 
-from pathjax.input import schema
+from pathjax.input import schema, storage
 
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "bags-{index:05d}-of-{count:05d}.array_record"
@@ -36,13 +36,14 @@ class IncompleteRecordsError(FileNotFoundError):
   """A records directory without a manifest: a `tile` run that did not finish."""
 
 
+class RecordsDirNotFoundError(IncompleteRecordsError):
+  """No records directory at all (a wrong path, not an interrupted `tile`); a subclass so
+  every caller that reports unusable records reports this too, with its own message."""
+
+
 def atomic_write_text(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  """Whole file or nothing, under a temporary name unique across hosts (removed on failure)."""
+  storage.write_text_atomic(path, text)
 
 
 def pixels_path(bag_shard: str) -> str:
@@ -60,7 +61,8 @@ def write_slide_shards(bag_shard: str, bags: Iterable[schema.Bag]) -> dict[str, 
   exception from `bags` leaves nothing behind but temporary files (removed here).
   """
   pix = pixels_path(bag_shard)
-  tmp_bags, tmp_pix = f"{bag_shard}.tmp-{os.getpid()}", f"{pix}.tmp-{os.getpid()}"
+  # Unique per attempt: two attempts of one slide (two hosts, the same pid) never share a file.
+  tmp_bags, tmp_pix = storage.unique_tmp(bag_shard), storage.unique_tmp(pix)
   bag_writer = array_record_module.ArrayRecordWriter(tmp_bags, BAG_WRITER_OPTIONS)
   pix_writer = array_record_module.ArrayRecordWriter(tmp_pix, PIXEL_WRITER_OPTIONS)
   n_bags = n_patches = 0
@@ -90,11 +92,15 @@ def write_slide_shards(bag_shard: str, bags: Iterable[schema.Bag]) -> dict[str, 
 
 
 def write_manifest(directory: str, manifest: dict[str, Any]) -> None:
-  atomic_write_text(os.path.join(directory, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
+  atomic_write_text(storage.join(directory, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
 
 
 def read_manifest(directory: str) -> dict[str, Any]:
   path = os.path.join(directory, MANIFEST)
+  if not os.path.isdir(directory):
+    raise RecordsDirNotFoundError(
+        f"records directory {directory} does not exist (or is not a directory); check the path, "
+        "or make it with `pathjax tile --out DIR`")
   if not os.path.exists(path):
     raise IncompleteRecordsError(
         f"{directory} has no {MANIFEST}: it is not a finished records directory (a `pathjax tile` "

@@ -6,7 +6,9 @@
                              "preprocess": {"image_size", "mean", "std"},
                              "tokenizer": "tokenizer" (a directory inside DIR) | hub name | null,
                              "pathjax_version", "source"}
-    DIR/params.safetensors  flat numpy tensors: "{tower}/params/{a/b/c}" and "{tower}/projection"
+    DIR/params.safetensors  flat tensors in their dtype (bf16 stays bf16): "{tower}/params/{a/b/c}"
+                            and "{tower}/projection"; above `max_shard_bytes`, shards
+                            params-0000i-of-0000N.safetensors + params.safetensors.index.json
     DIR/tokenizer/          (optional) a copy of the tokenizer directory
 
 Directories are written atomically (a temporary directory renamed into place), so a reader
@@ -25,12 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pathjax.convert.safetensors_io import (WeightsError, check_tree, load_safetensors,
-                                            save_safetensors)
+from pathjax.convert.safetensors_io import (INDEX_SUFFIX, WeightsError, check_tree,
+                                            open_safetensors, save_safetensors)
 from pathjax.tree_utils import flatten, unflatten
 
 MODEL_JSON = "model.json"
 PARAMS_FILE = "params.safetensors"
+PARAMS_INDEX = "params" + INDEX_SUFFIX
+MAX_SHARD_BYTES = 5 * 10 ** 9  # Hugging Face's default shard size
 TOKENIZER_DIR = "tokenizer"
 # ImageNet statistics: timm's default for UNI / UNI2-h / Virchow etc.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -80,24 +84,24 @@ def abstract_params(kind: str, module) -> dict[str, Any]:
   return nn.unbox(variables)["params"]
 
 
-def _to_numpy(x) -> np.ndarray:
-  arr = np.asarray(jax.device_get(x))
-  if arr.dtype not in (np.float32, np.float64, np.float16, np.int32, np.int64):
-    arr = arr.astype(np.float32)  # bfloat16 and friends: numpy safetensors stores float32
-  return arr
+def _shape_only(x):
+  """Arrays stay where they are (the writer fetches one tensor at a time); other leaves
+  (lists, scalars) become numpy."""
+  return x if hasattr(x, "shape") and hasattr(x, "dtype") else np.asarray(x)
 
 
 def save_model_dir(out_dir: str, towers: Mapping[str, Mapping[str, Any]], *,
                    preprocess: Mapping[str, Any] | None = None, tokenizer_dir: str | None = None,
                    tokenizer: str | None = None, source: str | None = None,
-                   check: bool = True) -> str:
+                   check: bool = True, max_shard_bytes: int | None = MAX_SHARD_BYTES) -> str:
   """Writes a model directory atomically; returns its path.
 
   towers: name -> dict(kind="vit"|"clip_text", module=flax module, params=pytree (with or
   without the "params" level), projection=np.ndarray [D, E] or None).
   preprocess: {"image_size", "mean", "std"} (defaults: the vision tower's image size and
   ImageNet statistics). tokenizer_dir is copied into DIR/tokenizer; `tokenizer` may instead
-  name a hub tokenizer.
+  name a hub tokenizer. Tensors keep their dtype and are fetched from the devices one at a
+  time while writing; above `max_shard_bytes` the params are written as shards with an index.
   """
   import flax.linen as nn
 
@@ -116,14 +120,14 @@ def save_model_dir(out_dir: str, towers: Mapping[str, Mapping[str, Any]], *,
     params = nn.unbox(tower["params"])
     if isinstance(params, Mapping) and set(params) == {"params"}:
       params = params["params"]
-    params = jax.tree.map(_to_numpy, dict(params) if not isinstance(params, dict) else params)
+    params = jax.tree.map(_shape_only, dict(params) if not isinstance(params, dict) else params)
     if check:
       check_tree(abstract_params(kind, module), params, what=f"{name} tower params")
     for key, value in flatten(params).items():
       tensors[f"{name}/params/{key}"] = value
     projection = tower.get("projection")
     if projection is not None:
-      tensors[f"{name}/projection"] = _to_numpy(projection)
+      tensors[f"{name}/projection"] = _shape_only(projection)
     meta_towers[name] = {"kind": kind, "config": kinds[kind][1](module),
                          "projection": projection is not None}
 
@@ -145,7 +149,8 @@ def save_model_dir(out_dir: str, towers: Mapping[str, Mapping[str, Any]], *,
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
   try:
     save_safetensors(tensors, os.path.join(tmp, PARAMS_FILE),
-                     metadata={"format": "pathjax", "pathjax_version": __version__})
+                     metadata={"format": "pathjax", "pathjax_version": __version__},
+                     max_shard_bytes=max_shard_bytes)
     if tokenizer_dir:
       if not os.path.isdir(tokenizer_dir):
         raise ModelDirError(f"tokenizer directory {tokenizer_dir} does not exist")
@@ -373,14 +378,51 @@ def read_model_json(path: str) -> dict[str, Any]:
   return meta
 
 
+def params_reader(path: str):
+  """A lazy reader over DIR's params (one file, or shards with an index)."""
+  index, single = os.path.join(path, PARAMS_INDEX), os.path.join(path, PARAMS_FILE)
+  file = index if os.path.isfile(index) else single
+  if not os.path.isfile(file):
+    raise ModelDirError(f"{path} has no {PARAMS_FILE} (or {PARAMS_INDEX})")
+  try:
+    return open_safetensors(file)
+  except WeightsError as e:
+    raise ModelDirError(f"cannot read the params file {file}: {e}") from e
+
+
+def place_tower(path: str, tower: str, abstract: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """One tower's params streamed from DIR straight into their shardings, tensor by tensor.
+
+  `abstract`: flat "a/b/c" paths (relative to the tower's params) -> jax.ShapeDtypeStruct
+  carrying a sharding (e.g. a train-state layout's params); values are cast to its dtype.
+  Names and shapes are checked from the file headers before anything is read. Host memory
+  stays near the largest tensor (see safetensors_io.place); returns flat path -> jax.Array.
+  """
+  from pathjax.convert import safetensors_io as sio
+  meta = read_model_json(path)
+  if tower not in meta["towers"]:
+    raise ModelDirError(f"the model in {path} has no {tower} tower (towers: "
+                        f"{', '.join(meta['towers'])})")
+  reader = params_reader(path)
+  prefix = f"{tower}/params/"
+  stored = {k[len(prefix):]: jax.ShapeDtypeStruct(reader.shape(k), reader.dtype(k))
+            for k in reader if k.startswith(prefix)}
+  try:
+    check_tree(unflatten(dict(abstract)), unflatten(stored), what=f"{tower} tower params",
+               source=reader.path)
+  except WeightsError as e:
+    raise ModelDirError(str(e)) from e
+  plan = {k: sio.Target(prefix + k, a.sharding, dtype=a.dtype) for k, a in abstract.items()}
+  return sio.place(reader, plan)
+
+
 def load_model_dir(path: str, *, dtype=jnp.float32, towers: Sequence[str] | None = None) -> Model:
   """Loads a model directory, checking every tensor's name and shape against the modules."""
   meta = read_model_json(path)
-  file = os.path.join(path, PARAMS_FILE)
-  if not os.path.isfile(file):
-    raise ModelDirError(f"{path} has no {PARAMS_FILE}")
+  reader = params_reader(path)
+  file = reader.path
   try:
-    tensors = load_safetensors(file)
+    tensors = {key: reader.get(key) for key in reader}
   except WeightsError as e:
     raise ModelDirError(f"cannot read the params file {file}: {e}") from e
   by_tower: dict[str, dict[str, np.ndarray]] = {}

@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,8 +116,9 @@ def _ancestor_pairs(parent: jax.Array, mode: str) -> tuple[jax.Array, jax.Array]
 class MRPLIPRecipe:
   """The trainer's view of MR-PLIP (pathjax.recipes.base.Recipe)."""
 
-  def __init__(self, config):
+  def __init__(self, config, mesh: jax.sharding.Mesh | None = None):
     self.config = config
+    self.mesh = mesh  # the training mesh: the sigmoid loss runs as a ring over its batch axes
     m, loss_cfg = config.model, config.loss
     if loss_cfg.cvta_text_unit not in TEXT_UNITS:
       raise ConfigError(f"loss.cvta_text_unit {loss_cfg.cvta_text_unit!r}; valid: {TEXT_UNITS}")
@@ -158,9 +160,9 @@ class MRPLIPRecipe:
 
   # -- trainer interface ----------------------------------------------------------------
 
-  def example_batch(self, global_batch_size: int) -> dict[str, np.ndarray]:
+  def example_batch(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     from pathjax.input import pipeline
-    return pipeline.example_batch(self.config.input, global_batch_size)
+    return pipeline.batch_shapes(self.config.input, global_batch_size)
 
   def init(self, rng, batch):
     size = self.config.input.image_size
@@ -168,27 +170,31 @@ class MRPLIPRecipe:
     ids = jnp.zeros((1, self.config.input.context_length), jnp.int32)
     return self.model.init(rng, images, ids)["params"]
 
-  def load_pretrained(self, params, shardings):
-    """Towers from `model.init_dir` (a `pathjax convert` model directory) replace the init."""
+  def load_pretrained(self, abstract: dict[str, jax.ShapeDtypeStruct], wanted: set[str]
+                      ) -> dict[str, jax.Array]:
+    """Towers from `model.init_dir` (a `pathjax convert` model directory), for the paths in
+    `wanted`, each placed in its sharding; the whole tower is checked against the model."""
     m = self.config.model
     if not m.init_dir:
-      return params
+      return {}
     from pathjax.models import model_dir
-    loaded = model_dir.load_model_dir(m.init_dir, towers=tuple(m.init_towers))
-    params = dict(params)
     targets = {"vision": "vision_tower", "text": "text_tower"}
     for tower in m.init_towers:
       if tower not in targets:
         raise ConfigError(f"model.init_towers: unknown tower {tower!r}; valid: {', '.join(targets)}")
+    loaded = model_dir.load_model_dir(m.init_dir, towers=tuple(m.init_towers))
+    source: dict[str, np.ndarray] = {}
+    for tower in m.init_towers:
       name = targets[tower]
-      params[name] = _replace_checked(params[name], loaded.towers[tower].params, shardings[name],
-                                      f"{m.init_dir} {tower} tower")
+      tower_flat = traverse_util.flatten_dict(loaded.towers[tower].params, sep="/")
+      _check_tower(abstract, name, tower_flat, f"{m.init_dir} {tower} tower")
+      source.update({f"{name}/{k}": v for k, v in tower_flat.items()})
       projection = loaded.towers[tower].projection
       if tower == "vision" and projection is not None:
-        params["vision_proj"] = _replace_checked(
-            params["vision_proj"], {"kernel": projection}, shardings["vision_proj"],
-            f"{m.init_dir} vision projection")
-    return params
+        _check_tower(abstract, "vision_proj", {"kernel": projection}, f"{m.init_dir} vision projection")
+        source["vision_proj/kernel"] = projection
+    return {path: jax.device_put(np.asarray(value, abstract[path].dtype), abstract[path].sharding)
+            for path, value in source.items() if path in wanted}
 
   def train_iterator(self, process_index: int, process_count: int):
     from pathjax.input import pipeline
@@ -204,9 +210,14 @@ class MRPLIPRecipe:
     b, p = images.shape[:2]
     valid = batch["patch_mask"].astype(bool)                   # [B, P]
     flat = lambda x: None if x is None else x.reshape((b * p,) + x.shape[2:])
-    x = transforms.normalize_on_device(flat(images), dtype=self.compute_dtype,
+    # Pixels stay split over the batch axes through the on-device augmentation (without the
+    # constraints XLA may all-gather the [B*P, H, W, 3] images before the patch embedding).
+    pixel_axes = ("act_batch", None, None, None)
+    x = transforms.normalize_on_device(layers.constrain(flat(images), pixel_axes),
+                                       dtype=self.compute_dtype,
                                        color=flat(batch.get("color_transform")),
                                        dihedral=flat(batch.get("dihedral")))
+    x = layers.constrain(x, pixel_axes)
     pooled, v = apply(MRPLIPModel.encode_image, x)            # [B*P, Wv], [B*P, E]
     cap_tokens, cap_eot, t = apply(MRPLIPModel.encode_text, batch["caption_ids"].reshape(b * p, -1))
     cap_valid = (batch["caption_mask"].astype(bool) & valid).reshape(-1)
@@ -263,11 +274,11 @@ class MRPLIPRecipe:
     # add the same constant for every parameter value, so gradients are unaffected.
     v = jnp.where(valid[:, None], v, 0.0)
     t = jnp.where(valid[:, None], t, 0.0)
-    mesh, rules = sharding.current_mesh_and_rules()
-    if mesh is not None:
-      # Inside the trainer's `with mesh`: a ring over the batch axes, memory per device.
-      return losses.chunked_sigmoid_contrastive(v, t, scale, bias, mesh=mesh,
-                                                batch_axes=sharding.batch_axes(mesh, rules))
+    if self.mesh is not None:
+      # Training: a ring over the batch axes of the mesh, memory per device O(B / n).
+      rules = sharding.rules_from_config(self.config)
+      return losses.chunked_sigmoid_contrastive(v, t, scale, bias, mesh=self.mesh,
+                                                batch_axes=sharding.batch_axes(self.mesh, rules))
     return losses.sigmoid_contrastive(v, t, scale, bias)
 
   def _itm(self, apply, pooled, cap_tokens, cap_ids, v, t, scale, valid, rng):
@@ -310,7 +321,7 @@ class MRPLIPRecipe:
 
   # -- using a trained model --------------------------------------------------------------
 
-  def encoders(self, params):
+  def predict_fns(self, params):
     def image(images_uint8):
       x = transforms.normalize_on_device(images_uint8, dtype=self.compute_dtype)
       return self.model.apply({"params": params}, x, method=MRPLIPModel.encode_image)[1]
@@ -338,21 +349,17 @@ class MRPLIPRecipe:
     }
 
 
-def _replace_checked(current, new, shardings, what: str):
-  """`new` (numpy) placed with `shardings`, after checking it has `current`'s structure and shapes."""
-  flat_cur = dict(jax.tree_util.tree_leaves_with_path(current))
-  flat_new = dict(jax.tree_util.tree_leaves_with_path(new))
-  missing = sorted(jax.tree_util.keystr(k) for k in flat_cur.keys() - flat_new.keys())
-  extra = sorted(jax.tree_util.keystr(k) for k in flat_new.keys() - flat_cur.keys())
+def _check_tower(abstract: dict[str, Any], prefix: str, flat: dict[str, np.ndarray], what: str) -> None:
+  """Raises naming the differences between a loaded tower and the model's parameters."""
+  expected = {p[len(prefix) + 1:]: x for p, x in abstract.items() if p.startswith(prefix + "/")}
+  missing, extra = sorted(expected.keys() - flat.keys()), sorted(flat.keys() - expected.keys())
   if missing or extra:
     raise ValueError(f"{what}: parameters differ from the config's model (scan and sizes must "
                      f"match); missing {missing[:10]}, unexpected {extra[:10]}")
-  for key, value in flat_cur.items():
-    if tuple(value.shape) != tuple(np.shape(flat_new[key])):
-      raise ValueError(f"{what}: shape mismatch for {jax.tree_util.keystr(key)}: file has "
-                       f"{tuple(np.shape(flat_new[key]))}, the model expects {tuple(value.shape)}")
-  return jax.tree.map(lambda x, cur, sh: jax.device_put(np.asarray(x, cur.dtype), sh),
-                      new, current, shardings)
+  for key, value in expected.items():
+    if tuple(value.shape) != tuple(np.shape(flat[key])):
+      raise ValueError(f"{what}: shape mismatch for {key}: file has {tuple(np.shape(flat[key]))}, "
+                       f"the model expects {tuple(value.shape)}")
 
 
 def _variant(cls, variant: str) -> dict[str, Any]:
@@ -361,5 +368,5 @@ def _variant(cls, variant: str) -> dict[str, Any]:
   return module.variant_fields(variant)
 
 
-def make_recipe(config) -> MRPLIPRecipe:
-  return MRPLIPRecipe(config)
+def make_recipe(config, mesh=None) -> MRPLIPRecipe:
+  return MRPLIPRecipe(config, mesh)

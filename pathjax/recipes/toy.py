@@ -14,6 +14,7 @@ from typing import Any
 
 import flax.linen as nn
 import grain
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -72,7 +73,7 @@ class ToyRecipe:
                   param_dtype=jnp.dtype(self.config.precision.param_dtype))
 
   def init(self, rng, batch):
-    return self.model.init(rng, jnp.asarray(batch["x"]))["params"]
+    return self.model.init(rng, jnp.zeros(batch["x"].shape, batch["x"].dtype))["params"]
 
   def loss(self, params, batch, rng, train=True):
     del rng, train  # no dropout in this model
@@ -83,8 +84,8 @@ class ToyRecipe:
 
   def example_batch(self, global_batch_size):
     m = self.config.model
-    return {"x": np.zeros((global_batch_size, m.in_dim), np.float32),
-            "y": np.zeros((global_batch_size, m.out_dim), np.float32)}
+    return {"x": jax.ShapeDtypeStruct((global_batch_size, m.in_dim), jnp.float32),
+            "y": jax.ShapeDtypeStruct((global_batch_size, m.out_dim), jnp.float32)}
 
   def train_iterator(self, process_index, process_count):
     if self.config.batch_size % process_count:
@@ -97,7 +98,7 @@ class ToyRecipe:
           .batch(self.config.batch_size // process_count, drop_remainder=True))
     return iter(ds.to_iter_dataset())
 
-  def encoders(self, params):
+  def predict_fns(self, params):
     return {"features": lambda x: self.model.apply({"params": params}, x)[1]}
 
   def export(self, params):
@@ -105,5 +106,6 @@ class ToyRecipe:
     return {}  # no image/text tower to put in a model directory
 
 
-def make_recipe(config) -> ToyRecipe:
+def make_recipe(config, mesh=None) -> ToyRecipe:
+  del mesh  # nothing sharded explicitly
   return ToyRecipe(config)

@@ -11,7 +11,9 @@ pixels across it, and resizes it to `size` x `size`. Pixels outside the slide ar
 read for a patch of `size` pixels at a target objective power.
 
 Every problem with a file is a `SlideError` subclass whose message names the file and what
-to do, so a tiler can count it as a skip and move on.
+to do, so a tiler can count it as a skip and move on: a file that is missing or not
+readable by this user is told apart from a corrupt one. I/O errors that may pass (EIO, a
+timeout, a dropped network mount) are raised as they are (OSError), so a runner can retry.
 """
 
 from __future__ import annotations
@@ -62,6 +64,21 @@ class MagnificationUnavailableError(SlideError):
 
 class CorruptTileError(SlideError):
   reason = "corrupt_tile"
+
+
+class MissingFileError(SlideError):
+  reason = "missing_file"
+
+
+class PermissionDeniedError(SlideError):
+  reason = "permission_denied"
+
+
+def is_transient(e: BaseException) -> bool:
+  """An error worth retrying (I/O that may pass), as opposed to one that belongs to the file."""
+  if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+    return False
+  return isinstance(e, (TimeoutError, ConnectionError)) or (isinstance(e, OSError) and e.errno is not None)
 
 
 class _LogCollector(logging.Handler):
@@ -157,6 +174,8 @@ class Slide:
     try:
       arr = self._ts.read_region(loc, level, (x1 - x0, y1 - y0), as_array=True, padding=False)
     except Exception as e:  # imagecodecs raises its own error types for broken tiles
+      if is_transient(e):
+        raise
       raise CorruptTileError(
           self.path, f"cannot decode level {level} region at level-0 ({x}, {y}) size {w}x{h}: "
           f"{type(e).__name__}: {e}") from e
@@ -218,7 +237,16 @@ def open_slide(path: str, *, magnification_override: float | None = None,
 
   path = os.fspath(path)
   if not os.path.exists(path):
-    raise SlideOpenError(path, "no such file")
+    raise MissingFileError(path, "no such file (moved or deleted after the slide list was made?)")
+  if os.path.isdir(path):
+    raise MissingFileError(path, "is a directory, not a slide file")
+  try:
+    with open(path, "rb") as f:
+      f.read(1)
+  except PermissionError as e:
+    raise PermissionDeniedError(
+        path, f"permission denied ({e.strerror}); make the file readable by this user "
+        "(e.g. `chmod a+r`) and rerun: the slide is retried") from e
   if os.path.getsize(path) == 0:
     raise SlideOpenError(path, "empty file (0 bytes)")
   # tifffile logs (rather than raises) some damage, e.g. an IFD chain that points past the
@@ -233,6 +261,8 @@ def open_slide(path: str, *, magnification_override: float | None = None,
     level_dimensions = tuple(tuple(int(v) for v in d) for d in ts.level_dimensions)
     level_downsamples = tuple(float(v) for v in ts.level_downsamples)
   except Exception as e:  # tifffile raises TiffFileError, ValueError, struct errors, ...
+    if is_transient(e):
+      raise
     raise SlideOpenError(
         path, f"not a readable TIFF slide ({type(e).__name__}: {e}); the file is truncated, "
         "corrupt or not a TIFF") from e

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -89,10 +89,11 @@ _HIGH_TEMPLATES = {
 
 
 class SyntheticSet(NamedTuple):
-  """What `write_synthetic_slides` wrote: slide paths (sorted) and the captions file."""
+  """What `write_synthetic_slides` wrote: slide paths (sorted), captions and reports files."""
 
   slide_paths: list[str]
   captions_path: str
+  reports_path: str | None = None
 
 
 @dataclasses.dataclass
@@ -412,12 +413,122 @@ def caption_records(slide: SynthSlide, *, magnifications: Sequence[float], patch
   return lines
 
 
+# ---------------------------------------------------------------------------------------
+# Slide reports
+
+# Report names of the classes and what a pathologist would say about each.
+_REPORT_NAMES = {
+    "tumor": "tumor", "stroma": "fibrous stroma", "lymphocytes": "lymphocytic infiltrate",
+    "adipose": "adipose tissue", "necrosis": "necrosis", "mucus": "extracellular mucin",
+}
+_REPORT_DETAIL = {
+    "tumor": "malignant glands with pleomorphic nuclei",
+    "stroma": "collagenous stroma with spindle cells",
+    "lymphocytes": "dense lymphoid aggregates",
+    "adipose": "mature fat lobules",
+    "necrosis": "geographic necrosis with nuclear debris",
+    "mucus": "pools of pale mucin",
+}
+_DIAGNOSIS = {
+    "tumor": "Adenocarcinoma", "stroma": "Fibrous tissue without malignancy",
+    "lymphocytes": "Reactive lymphoid tissue", "adipose": "Benign adipose tissue",
+    "necrosis": "Extensive necrosis", "mucus": "Mucinous material",
+}
+_PART_SITES = ("colon, biopsy", "liver, wedge resection", "lymph node, excision",
+               "soft tissue, excision", "stomach, biopsy", "omentum, biopsy")
+# Header styles of multi-part reports (all parsed by pathjax.input.reports.split_parts).
+_PART_HEADERS = ("{L}. ", "{L}) ", "Part {n}: ", "SPECIMEN {L}: ", "{L}: ")
+
+
+def class_fractions(cmap: np.ndarray, classes: Sequence[str] = TISSUE_CLASSES) -> dict[str, float]:
+  """Fraction of the tissue area of each class (sums to 1; empty dict for no tissue)."""
+  counts = np.bincount(cmap[cmap >= 0].astype(np.int64), minlength=len(classes))
+  total = counts.sum()
+  if total == 0:
+    return {}
+  return {c: float(counts[i] / total) for i, c in enumerate(classes)}
+
+
+def _amount(f: float) -> str:
+  return ("predominantly" if f >= 0.5 else "extensive" if f >= 0.25 else "areas of" if f >= 0.1
+          else "focal")
+
+
+def slide_report_text(fractions: Mapping[str, float], rng, style: int | None = None) -> str:
+  """A report describing a slide's tissue composition in one of several phrasings.
+
+  Every phrasing names the dominant class first (its report name, after a diagnosis line
+  in some phrasings) and every other class covering >= 3% of the
+  tissue with a quantity word (and, in two phrasings, its approximate percentage), so
+  reports tell slides apart by composition.
+  """
+  if not fractions:
+    return "Sections show no diagnostic tissue; the slide is essentially blank."
+  ranked = [(c, f) for c, f in sorted(fractions.items(), key=lambda kv: -kv[1]) if f >= 0.03]
+  dom, dom_f = ranked[0]
+  rest = ranked[1:]
+  name = _REPORT_NAMES
+  style = int(rng.integers(5)) if style is None else style % 5
+  def listing(items, pct=False):
+    words = [f"{_amount(f)} {name[c]}" + (f" (about {round(f * 20) * 5}%)" if pct else "") for c, f in items]
+    if not words:
+      return ""
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+  if style == 0:
+    text = f"Sections show {_amount(dom_f)} {name[dom]}"
+    text += f" with {listing(rest)}." if rest else "."
+  elif style == 1:
+    text = f"{_DIAGNOSIS[dom]}. The specimen consists mostly of {name[dom]} ({_REPORT_DETAIL[dom]})"
+    text += f", accompanied by {listing(rest)}." if rest else "."
+  elif style == 2:
+    text = f"Microscopic description: {name[dom]} makes up about {round(dom_f * 20) * 5}% of the tissue"
+    text += f"; also present: {listing(rest, pct=True)}." if rest else "."
+  elif style == 3:
+    text = f"The slide is dominated by {name[dom]} ({_REPORT_DETAIL[dom]})"
+    text += f". Other findings include {listing(rest)}." if rest else "."
+  else:
+    text = f"Diagnosis: {_DIAGNOSIS[dom].lower()}. Composition: " + listing(ranked, pct=True) + "."
+  return text[0].upper() + text[1:]
+
+
+def slide_reports(slides: Sequence["SynthSlide"], *, seed: int = 0, parts_per_case: int = 1,
+                  classes: Sequence[str] = TISSUE_CLASSES) -> list[dict]:
+  """Report lines {"slide", "report"[, "part"]} for synthetic slides.
+
+  parts_per_case > 1 groups consecutive slides into cases whose report has one part per
+  slide under a header ("A.", "Part 2:", "SPECIMEN B:", ... varying by case); each slide's
+  line then carries the whole case report and its part label, as a real multi-part report
+  file would.
+  """
+  rng = np.random.default_rng(seed + 7919)
+  lines = []
+  k = max(1, int(parts_per_case))
+  for start in range(0, len(slides), k):
+    case = slides[start:start + k]
+    texts = [slide_report_text(class_fractions(s.class_map, classes), rng) for s in case]
+    if len(case) == 1:
+      lines.append({"slide": case[0].slide_id, "report": texts[0]})
+      continue
+    header = _PART_HEADERS[int(rng.integers(len(_PART_HEADERS)))]
+    sites = rng.permutation(len(_PART_SITES))
+    body = []
+    for j, (s, t) in enumerate(zip(case, texts)):
+      letter = chr(ord("A") + j)
+      body.append(header.format(L=letter, n=j + 1) + f"{_PART_SITES[sites[j % len(sites)]].capitalize()}: {t}")
+    report = "\n".join(body)
+    for j, s in enumerate(case):
+      label = str(j + 1) if "{n}" in header else chr(ord("A") + j)
+      lines.append({"slide": s.slide_id, "report": report, "part": label})
+  return lines
+
+
 def write_synthetic_slides(out_dir: str, n: int, *, seed: int = 0, size: int = 4096,
                            magnifications: Sequence[float] = (5, 10, 20, 40), patch_size: int = 224,
                            mpp: float = 0.25, app_mag: float = 40, tissue_fraction: float = 0.7,
                            region_px: int | None = None, caption_drop_fraction: float = 0.0,
                            captions_name: str = "captions.jsonl", prefix: str = "synth",
-                           quality: int = 80) -> SyntheticSet:
+                           quality: int = 80, reports_name: str | None = "reports.jsonl",
+                           report_parts: int = 1) -> SyntheticSet:
   """Writes `n` slides `{prefix}-{i:03d}.svs` and their captions into `out_dir`.
 
   Returns SyntheticSet(slide_paths, captions_path). Captions (with the ground-truth class
@@ -430,7 +541,7 @@ def write_synthetic_slides(out_dir: str, n: int, *, seed: int = 0, size: int = 4
   mags = grid_lib.validate_magnifications(magnifications)
   extent = grid_lib.root_extent(10.0 / mpp, mags, patch_size)
   region = region_px if region_px is not None else max(256, int(extent * 1.1 * mpp / 0.25))
-  paths, lines = [], []
+  paths, lines, drawn = [], [], []
   for i in range(n):
     path = os.path.join(out_dir, f"{prefix}-{i:03d}.svs")
     slide = write_synthetic_slide(path, width=size, seed=seed * 100003 + i, mpp=mpp, app_mag=app_mag,
@@ -438,10 +549,16 @@ def write_synthetic_slides(out_dir: str, n: int, *, seed: int = 0, size: int = 4
     lines += caption_records(slide, magnifications=mags, patch_size=patch_size,
                              seed=seed * 100003 + i, drop_fraction=caption_drop_fraction)
     paths.append(path)
+    drawn.append(slide)
   captions_path = os.path.join(out_dir, captions_name)
   tmp = f"{captions_path}.tmp-{os.getpid()}"
   with open(tmp, "w", encoding="utf-8") as f:
     for line in lines:
       f.write(json.dumps(line) + "\n")
   os.replace(tmp, captions_path)
-  return SyntheticSet(paths, captions_path)
+  reports_path = None
+  if reports_name:
+    from pathjax.input.reports import write_reports
+    reports_path = os.path.join(out_dir, reports_name)
+    write_reports(reports_path, slide_reports(drawn, seed=seed, parts_per_case=report_parts))
+  return SyntheticSet(paths, captions_path, reports_path)

@@ -1,4 +1,5 @@
-"""`pathjax synth-slides --out DIR --n N`: synthetic pyramidal slides, labels and captions."""
+"""`pathjax synth-slides --out DIR --n N`: synthetic pyramidal slides, labels, captions and
+one report per slide (reports.jsonl; --report-parts K groups K slides into multi-part cases)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ def register(parser):
   parser.add_argument("--tissue-fraction", type=float, default=0.7)
   parser.add_argument("--caption-drop-fraction", type=float, default=0.0,
                       help="leave out this fraction of captions (to exercise missing captions)")
+  parser.add_argument("--report-parts", type=int, default=1,
+                      help="slides per case: >1 writes multi-part case reports with a part label per slide")
 
 
 def main(args) -> int:
@@ -26,12 +29,14 @@ def main(args) -> int:
   result = synth.write_synthetic_slides(
       args.out, args.n, seed=args.seed, size=args.size,
       magnifications=grid_lib.parse_magnifications(args.magnifications), patch_size=args.patch_size,
-      tissue_fraction=args.tissue_fraction, caption_drop_fraction=args.caption_drop_fraction)
+      tissue_fraction=args.tissue_fraction, caption_drop_fraction=args.caption_drop_fraction,
+      report_parts=args.report_parts)
   with open(result.captions_path, encoding="utf-8") as f:
     n_captions = sum(1 for _ in f)
   print(f"wrote {len(result.slide_paths)} slides ({args.size}x{args.size} px, 40x, classes: "
         f"{', '.join(synth.TISSUE_CLASSES)}) and {n_captions} captions to {result.captions_path} "
         f"in {time.perf_counter() - t0:.1f}s")
+  print(f"reports: {result.reports_path}")
   for p in result.slide_paths:
     print(p)
   return 0
