@@ -56,7 +56,7 @@ def _params_from_blip2(model, emb, queries, ln_w, ln_b):
   sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
   params = {}  # the passes compared here need no heads (vision_proj, itm_head, lm_head, temp)
   params["query_tokens"] = queries
-  params["temp"] = np.array([0.07], np.float32)
+  params["temp"] = np.array(0.07, np.float32)
   params["ln_vision"] = bert_conv.norm(ln_w, ln_b)
   params["embeddings"] = {
       "word_embeddings": {"embedding": emb.word_embeddings.weight.detach().numpy()},

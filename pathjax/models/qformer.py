@@ -47,7 +47,7 @@ computation: a recipe choice. Give each pass its own dropout rng (`jax.random.fo
 Parameter tree (BERT names in brackets; `pathjax.convert.bert` maps them):
 
     query_tokens [Q, W]                     learned queries, N(0, 0.02), no position embedding
-    temp [1]                                temperature (0.07), clipped to [temp_min, temp_max]
+    temp []                                 temperature (0.07), clipped to [temp_min, temp_max]
     embeddings/word_embeddings/embedding    [bert.embeddings.word_embeddings] (+ [DEC] row)
     embeddings/position_embeddings [P, W]   [bert.embeddings.position_embeddings]
     embeddings/norm                         [bert.embeddings.LayerNorm]
@@ -366,9 +366,8 @@ class QFormer(nn.Module):
         "query_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                      (None, "embed")),
         (self.num_queries, self.width), self.param_dtype)
-    # Shape [1], not []: model-directory safetensors round trips turn 0-d arrays into [1].
     self.temp = self.param("temp", nn.with_logical_partitioning(
-        nn.initializers.constant(self.temp_init), (None,)), (1,), self.param_dtype)
+        nn.initializers.constant(self.temp_init), ()), (), self.param_dtype)
     self.embeddings = Embeddings(self.vocab_size, self.width, self.max_position, self.norm_eps,
                                  self.dropout_rate, self.deterministic, **kw)
     self.ln_vision = layers.layer_norm(name=None, eps=self.vision_norm_eps, **kw)
@@ -480,7 +479,7 @@ class QFormer(nn.Module):
 
   def temperature(self) -> Array:
     """The ITC temperature (a scalar; logits = cosine / temperature), clipped as BLIP does."""
-    return jnp.clip(self.temp[0].astype(jnp.float32), self.temp_min, self.temp_max)
+    return jnp.clip(self.temp.astype(jnp.float32), self.temp_min, self.temp_max)
 
   def __call__(self, features: Array, coords: Array | None, patch_mask: Array | None,
                ids: Array, text_mask: Array | None = None) -> dict[str, Array]:
