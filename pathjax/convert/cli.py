@@ -5,6 +5,7 @@
   pathjax convert --vision uni2h.safetensors --vision-variant uni2-h --image-size 256 \\
       --text plip/model.safetensors --text-format hf --text-config plip/config.json \\
       --tokenizer plip/ --out models/mix
+  pathjax convert --bert bert-base-uncased/ --bert-encoder-width 384 --out models/qformer
 
 Reads with numpy only (no torch, no pickle). Prints what it inferred from the weights.
 """
@@ -71,6 +72,19 @@ def register(parser: argparse.ArgumentParser) -> None:
   t.add_argument("--text-eos-id", type=int, help="pool at the first occurrence of this id "
                  "(-1: at argmax(ids), as open_clip)")
   t.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory copied into the model")
+  q = parser.add_argument_group(
+      "Q-Former from BERT (PathAlign; writes a model directory with one 'qformer' tower)")
+  q.add_argument("--bert", metavar="DIR", help="Hugging Face BERT directory (config.json, "
+                 "*.safetensors, tokenizer files); [DEC] is added to the tokenizer")
+  q.add_argument("--bert-encoder-width", type=int, metavar="D",
+                 help="width of the patch features the Q-Former cross-attends to (required)")
+  q.add_argument("--bert-queries", type=int, metavar="N", help="learned queries (default 32)")
+  q.add_argument("--bert-cross-attention-frequency", type=int, metavar="K",
+                 help="cross-attention in layers i %% K == 0 (default 2)")
+  q.add_argument("--bert-embed-dim", type=int, metavar="E", help="ITC projection size (default 256)")
+  q.add_argument("--bert-field", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                 help="any other Q-Former field (JSON value), e.g. --bert-field vision_width=768")
+  q.add_argument("--bert-seed", type=int, default=0, help="seed of the parts BERT lacks")
   o = parser.add_argument_group("output")
   o.add_argument("--out", required=True, metavar="DIR",
                  help="new (or empty) model directory; an existing model directory is replaced "
@@ -160,7 +174,34 @@ def convert(*, out: str, vision: str | None = None, vision_format: str = "timm",
   return path
 
 
+def _main_bert(args) -> int:
+  from pathjax.convert import bert
+  if args.vision or args.text or args.tokenizer:
+    print("pathjax convert: error: --bert writes a Q-Former-only model directory; convert "
+          "--vision/--text/--tokenizer in a separate run", file=sys.stderr)
+    return 2
+  if not args.bert_encoder_width:
+    print("pathjax convert: error: --bert needs --bert-encoder-width D (the patch feature "
+          "width, e.g. 384 for ViT-S features)", file=sys.stderr)
+    return 2
+  overrides = dict(args.bert_field or [])
+  for flag, field in (("bert_queries", "num_queries"),
+                      ("bert_cross_attention_frequency", "cross_attention_frequency"),
+                      ("bert_embed_dim", "embed_dim")):
+    if getattr(args, flag) is not None:
+      overrides[field] = getattr(args, flag)
+  try:
+    bert.convert_bert_dir(args.bert, args.out, encoder_width=args.bert_encoder_width,
+                          overrides=overrides, seed=args.bert_seed)
+  except (WeightsError, ValueError, FileNotFoundError) as e:
+    print(f"pathjax convert: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
 def main(args) -> int:
+  if getattr(args, "bert", None):
+    return _main_bert(args)
   from pathjax.convert import clip_text  # noqa: F401  (import errors surface here)
   try:
     convert(out=args.out, vision=args.vision, vision_format=args.vision_format,

@@ -46,10 +46,12 @@ class ModelDirError(ValueError):
 
 
 def _kinds() -> dict[str, tuple[type, Callable, Callable]]:
-  """kind -> (module class, config_dict(module), dummy input for init)."""
+  """kind -> (module class, config_dict(module), dummy input(s) for init: an array or a tuple)."""
+  from pathjax.models import qformer as qformer_lib
   from pathjax.models import text as text_lib
   from pathjax.models import vit as vit_lib
   return {
+      "qformer": (qformer_lib.QFormer, qformer_lib.config_dict, qformer_lib.example_inputs),
       "vit": (vit_lib.ViT, vit_lib.config_dict,
               lambda m: jnp.zeros((1, m.image_size, m.image_size, 3), jnp.float32)),
       "clip_text": (text_lib.TextTransformer, text_lib.config_dict,
@@ -74,7 +76,9 @@ def abstract_params(kind: str, module) -> dict[str, Any]:
   """Shapes of the module's params (no computation, no allocation)."""
   import flax.linen as nn
   _, _, dummy = _kinds()[kind]
-  variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy(module))
+  inputs = dummy(module)
+  inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+  variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)
   return nn.unbox(variables)["params"]
 
 
