@@ -5,6 +5,7 @@
   pathjax convert --vision uni2h.safetensors --vision-variant uni2-h --image-size 256 \\
       --text plip/model.safetensors --text-format hf --text-config plip/config.json \\
       --tokenizer plip/ --out models/mix
+  pathjax convert --llm Qwen3-0.6B/ --out models/qwen3
 
 Reads with numpy only (no torch, no pickle). Prints what it inferred from the weights.
 """
@@ -70,6 +71,12 @@ def register(parser: argparse.ArgumentParser) -> None:
   t.add_argument("--text-eos-id", type=int, help="pool at the first occurrence of this id "
                  "(-1: at argmax(ids), as open_clip)")
   t.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory copied into the model")
+  # --- decoder LLM (pathjax/convert/hf_llm.py) ---
+  lm = parser.add_argument_group("decoder LLM")
+  lm.add_argument("--llm", metavar="DIR", help="a Hugging Face causal LM directory (config.json, "
+                  "model.safetensors or a sharded index, tokenizer files): Llama, Qwen2, Qwen3; "
+                  "converted alone (no --vision/--text)")
+  # --- end decoder LLM ---
   o = parser.add_argument_group("output")
   o.add_argument("--out", required=True, metavar="DIR")
   o.add_argument("--mean", type=float, nargs=3, help="normalisation mean (default ImageNet)")
@@ -155,6 +162,21 @@ def convert(*, out: str, vision: str | None = None, vision_format: str = "timm",
 
 def main(args) -> int:
   from pathjax.convert import clip_text  # noqa: F401  (import errors surface here)
+  # --- decoder LLM ---
+  if getattr(args, "llm", None):
+    from pathjax.convert import hf_llm
+    from pathjax.models.llm import LLMConfigError
+    if args.vision or args.text:
+      print("pathjax convert: error: --llm converts a decoder LLM alone; run --vision/--text "
+            "separately", file=sys.stderr)
+      return 2
+    try:
+      hf_llm.convert_to_model_dir(args.llm, args.out, scan=args.scan)
+    except (WeightsError, LLMConfigError, FileNotFoundError) as e:
+      print(f"pathjax convert: error: {e}", file=sys.stderr)
+      return 2
+    return 0
+  # --- end decoder LLM ---
   try:
     convert(out=args.out, vision=args.vision, vision_format=args.vision_format,
             vision_variant=args.vision_variant, image_size=args.image_size,

@@ -45,9 +45,11 @@ class ModelDirError(ValueError):
 
 def _kinds() -> dict[str, tuple[type, Callable, Callable]]:
   """kind -> (module class, config_dict(module), dummy input for init)."""
+  from pathjax.models import llm as llm_lib
   from pathjax.models import text as text_lib
   from pathjax.models import vit as vit_lib
   return {
+      "llm": (llm_lib.LLM, llm_lib.config_dict, lambda m: jnp.zeros((1, 8), jnp.int32)),
       "vit": (vit_lib.ViT, vit_lib.config_dict,
               lambda m: jnp.zeros((1, m.image_size, m.image_size, 3), jnp.float32)),
       "clip_text": (text_lib.TextTransformer, text_lib.config_dict,
@@ -86,14 +88,15 @@ def _to_numpy(x) -> np.ndarray:
 def save_model_dir(out_dir: str, towers: Mapping[str, Mapping[str, Any]], *,
                    preprocess: Mapping[str, Any] | None = None, tokenizer_dir: str | None = None,
                    tokenizer: str | None = None, source: str | None = None,
-                   check: bool = True) -> str:
+                   check: bool = True, extra_meta: Mapping[str, Any] | None = None) -> str:
   """Writes a model directory atomically; returns its path.
 
   towers: name -> dict(kind="vit"|"clip_text", module=flax module, params=pytree (with or
   without the "params" level), projection=np.ndarray [D, E] or None).
   preprocess: {"image_size", "mean", "std"} (defaults: the vision tower's image size and
   ImageNet statistics). tokenizer_dir is copied into DIR/tokenizer; `tokenizer` may instead
-  name a hub tokenizer.
+  name a hub tokenizer. extra_meta: more top-level model.json entries (an LLM's
+  "generation" ids).
   """
   import flax.linen as nn
 
@@ -133,7 +136,7 @@ def save_model_dir(out_dir: str, towers: Mapping[str, Mapping[str, Any]], *,
     preprocess.setdefault("std", list(IMAGENET_STD))
   meta = {"towers": meta_towers, "preprocess": preprocess,
           "tokenizer": TOKENIZER_DIR if tokenizer_dir else tokenizer,
-          "pathjax_version": __version__, "source": source}
+          "pathjax_version": __version__, "source": source, **(extra_meta or {})}
 
   out_dir = os.path.abspath(out_dir)
   parent = os.path.dirname(out_dir)
