@@ -194,6 +194,8 @@ def generation_ids(model_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
     value = gen.get(key, cfg.get(key))
     if value is not None:
       out[key] = value
+  if cfg.get("max_position_embeddings"):
+    out["max_length"] = int(cfg["max_position_embeddings"])
   eos = out.get("eos_token_id")
   out["eos_token_id"] = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
   return out

@@ -146,8 +146,8 @@ class LLM(nn.Module):
   gives the key padding and, unless `positions` is given, the positions. With `cache` (from
   init_cache) and `cache_index`, the tokens are written at that slot and the call returns
   (logits, cache); `attention_mask` then covers every cache slot [B, max_len].
-  Logits are float32 [B, T, vocab]; `return_hidden` returns the final-normed hidden states
-  instead (callers that need only the last position).
+  Logits are float32 [B, T, vocab] ([B, 1, vocab] with `last_only`); `return_hidden`
+  returns the final-normed hidden states instead.
   """
   vocab_size: int = 32000
   hidden_size: int = 4096
@@ -183,7 +183,7 @@ class LLM(nn.Module):
   def __call__(self, input_ids: Array | None = None, *, inputs_embeds: Array | None = None,
                attention_mask: Array | None = None, positions: Array | None = None,
                cache: dict[str, Array] | None = None, cache_index: Array | int | None = None,
-               return_hidden: bool = False):
+               return_hidden: bool = False, last_only: bool = False):
     self.setup_check()
     embed = nn.Embed(self.vocab_size, self.hidden_size, dtype=self.dtype,
                      param_dtype=self.param_dtype, name="embed",
@@ -230,6 +230,8 @@ class LLM(nn.Module):
         new.append(c)
       if layer_cache is not None:
         layer_cache = (jnp.stack([c[0] for c in new]), jnp.stack([c[1] for c in new]))
+    if last_only:  # generation needs the next-token logits only
+      x = x[:, -1:]
     x = layers.rms_norm(name="final_norm", eps=self.norm_eps, dtype=self.dtype,
                         param_dtype=self.param_dtype)(x)
     if return_hidden:
