@@ -149,3 +149,14 @@ def test_cli_streams_chat_and_errors(converted, tmp_path, capsys):
   assert "stores no tokenizer" in capsys.readouterr().err
   assert cli.main(["generate", "--model", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
   assert "not a pathjax model directory" in capsys.readouterr().err
+
+
+def test_bench_generate_runs_on_a_tiny_model(capsys):
+  import argparse
+
+  from pathjax.bench import generate as bench
+  args = argparse.Namespace(size="tiny", batch_sizes=[2], prompt_len=8, new_tokens=4,
+                            matmul_size=256, torch=True, json=None)
+  assert bench.main(args) == 0
+  out = capsys.readouterr().out
+  assert "of the matmul peak" in out and "bandwidth floor" in out and "pathjax/transformers" in out

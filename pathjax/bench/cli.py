@@ -10,6 +10,7 @@ BENCHES = {
     "input": "pathjax.bench.input",
     "train": "pathjax.bench.train",
     "eval": "pathjax.bench.eval",
+    "generate": "pathjax.bench.generate",
 }
 
 
