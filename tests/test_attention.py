@@ -135,13 +135,36 @@ def test_resolve_attention_impl_follows_the_target_platform():
 
 
 def test_cpu_host_tracing_for_tpu_picks_the_tpu_kernel():
+  """Under target_platform("tpu") a CPU host lowers the Mosaic (Pallas TPU) splash kernel,
+  as `pathjax compile` does for a TPU topology; without it, the CPU einsum path."""
   x = _inputs(b=1, t=128, d=64)
   module = layers.Attention(num_heads=4, causal=True)
   params = module.init(jax.random.key(0), x)
   with layers.target_platform("tpu"):
-    text = jax.jit(module.apply).lower(params, x).as_text()
-  assert "splash" in text or "mosaic" in text.lower() or "pallas" in text.lower()
-  assert "splash" not in jax.jit(module.apply).lower(params, x).as_text()
+    text = jax.jit(module.apply).trace(params, x).lower(lowering_platforms=("tpu",)).as_text()
+  assert "tpu_custom_call" in text and "splash" in text
+  cpu_text = jax.jit(module.apply).lower(params, x).as_text()
+  assert "tpu_custom_call" not in cpu_text and "splash" not in cpu_text
+
+
+def test_splash_under_a_mesh_runs_per_shard():
+  """With a mesh set, the kernel runs through shard_map split as the logical rules split
+  the activations (batch over "data", heads over "tensor"), and equals einsum."""
+  import flax.linen as nn
+  from jax.sharding import AxisType
+  x = _inputs(b=4, t=128, d=64)
+  kv_mask = jnp.arange(128)[None] >= jnp.array([0, 40, 3, 100])[:, None]
+  want = _run("einsum", x, None, None, kv_mask, num_kv_heads=2)
+  mesh = jax.make_mesh((2, 2), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2,
+                       devices=jax.devices()[:4])
+  rules = (("act_batch", "data"), ("act_heads", "tensor"), ("act_len", None), ("act_kv", None))
+  module = layers.Attention(num_heads=4, num_kv_heads=2, impl="splash")
+  params = module.init(jax.random.key(0), x)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    text = jax.jit(module.apply).lower(params, x, kv_mask=kv_mask).as_text()
+    got = jax.jit(module.apply)(params, x, kv_mask=kv_mask)
+  assert "shard_map" in text or "sdy.manual_computation" in text
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
 
 
 @pytest.mark.parametrize("impl", ["einsum", "xla"])

@@ -334,7 +334,7 @@ class Attention(nn.Module):
       kv_mask = jnp.ones((b, k.shape[2]), bool)
     q_seg = jnp.ones((b, q_len), jnp.int32)
     kv_seg = kv_mask.astype(jnp.int32)
-    interpret = jax.default_backend() != "tpu"
+    interpret = current_platform() != "tpu"  # Pallas interpreter when not tracing for a TPU
 
     def attend(q, k, v, q_seg, kv_seg):
       local_heads = q.shape[1]
