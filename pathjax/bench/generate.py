@@ -167,7 +167,8 @@ def bench_torch(ref, batch: int, prompt_len: int, new_tokens: int) -> dict[str, 
           "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
-def run(args) -> dict[str, Any]:
+def run(args, log=lambda line: None) -> dict[str, Any]:
+  """Measures everything; `log` gets each report line as soon as it is measured."""
   from pathjax.generate import Generator
   use_torch = args.torch
   if use_torch:
@@ -186,6 +187,8 @@ def run(args) -> dict[str, Any]:
   res["matmul_gflops"] = common.matmul_peak_flops(n=args.matmul_size) / 1e9
   res["copy_gbs"] = copy_bandwidth() / 1e9
   res["runs"] = {}
+  for line in header_lines(res):
+    log(line)
   for batch in args.batch_sizes:
     run_res: dict[str, Any] = {"pathjax": bench_pathjax(generator, batch, args.prompt_len,
                                                         args.new_tokens)}
@@ -196,37 +199,40 @@ def run(args) -> dict[str, Any]:
     if ref is not None:
       run_res["transformers"] = bench_torch(ref, batch, args.prompt_len, args.new_tokens)
     res["runs"][batch] = run_res
+    for line in batch_lines(res, batch):
+      log(line)
   return res
 
 
-def report(res: dict[str, Any]) -> list[str]:
-  lines = [res["machine"],
-           f"model: random Llama layout, {res['params'] / 1e6:.1f}M parameters "
-           f"({res['weight_bytes'] / 2 ** 20:.0f} MiB fp32), prompt {res['prompt_len']}, "
-           f"{res['new_tokens']} new tokens",
-           f"jax fp32 matmul peak: {res['matmul_gflops']:.1f} GFLOP/s; copy bandwidth "
-           f"{res['copy_gbs']:.2f} GB/s"]
-  for batch, r in res["runs"].items():
-    pj = r["pathjax"]
-    lines.append(f"batch {batch}: pathjax prefill {pj['prefill_tok_s']:.0f} tok/s "
-                 f"({pj['prefill_gflops']:.1f} GFLOP/s = {pj['prefill_gflops'] / res['matmul_gflops']:.2f} "
-                 f"of the matmul peak), decode {pj['decode_tok_s']:.1f} tok/s "
-                 f"(bandwidth floor {r['decode_floor_tok_s']:.1f} tok/s: ratio "
-                 f"{pj['decode_tok_s'] / r['decode_floor_tok_s']:.2f})")
-    tf = r.get("transformers")
-    if tf:
-      lines.append(f"batch {batch}: transformers prefill {tf['prefill_tok_s']:.0f} tok/s, "
-                   f"decode {tf['decode_tok_s']:.1f} tok/s (torch {tf['torch']}, "
-                   f"{tf['threads']} threads); pathjax/transformers: prefill "
-                   f"{pj['prefill_tok_s'] / tf['prefill_tok_s']:.2f}x, decode "
-                   f"{pj['decode_tok_s'] / tf['decode_tok_s']:.2f}x")
+def header_lines(res: dict[str, Any]) -> list[str]:
+  return [res["machine"],
+          f"model: random Llama layout, {res['params'] / 1e6:.1f}M parameters "
+          f"({res['weight_bytes'] / 2 ** 20:.0f} MiB fp32), prompt {res['prompt_len']}, "
+          f"{res['new_tokens']} new tokens",
+          f"jax fp32 matmul peak: {res['matmul_gflops']:.1f} GFLOP/s; copy bandwidth "
+          f"{res['copy_gbs']:.2f} GB/s"]
+
+
+def batch_lines(res: dict[str, Any], batch: int) -> list[str]:
+  r = res["runs"][batch]
+  pj = r["pathjax"]
+  lines = [f"batch {batch}: pathjax prefill {pj['prefill_tok_s']:.0f} tok/s "
+           f"({pj['prefill_gflops']:.1f} GFLOP/s = {pj['prefill_gflops'] / res['matmul_gflops']:.2f} "
+           f"of the matmul peak), decode {pj['decode_tok_s']:.1f} tok/s "
+           f"(bandwidth floor {r['decode_floor_tok_s']:.1f} tok/s: ratio "
+           f"{pj['decode_tok_s'] / r['decode_floor_tok_s']:.2f})"]
+  tf = r.get("transformers")
+  if tf:
+    lines.append(f"batch {batch}: transformers prefill {tf['prefill_tok_s']:.0f} tok/s, "
+                 f"decode {tf['decode_tok_s']:.1f} tok/s (torch {tf['torch']}, "
+                 f"{tf['threads']} threads); pathjax/transformers: prefill "
+                 f"{pj['prefill_tok_s'] / tf['prefill_tok_s']:.2f}x, decode "
+                 f"{pj['decode_tok_s'] / tf['decode_tok_s']:.2f}x")
   return lines
 
 
 def main(args) -> int:
-  res = run(args)
-  for line in report(res):
-    print(line)
+  res = run(args, log=lambda line: print(line, flush=True))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(res, f, indent=2, default=str)
