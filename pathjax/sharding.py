@@ -41,6 +41,11 @@ FSDP_TENSOR_RULES: tuple[tuple[str, Any], ...] = (
     ("channels", None),
     ("pos", None),
     ("classes", None),
+    # KV cache of decoding (layers.Attention): batch as the activations, heads as tensor.
+    ("cache_batch", ("slice", "data", "fsdp")),
+    ("cache_heads", "tensor"),
+    ("cache_len", None),
+    ("cache_kv", None),
 )
 
 

@@ -12,6 +12,7 @@ BENCHES = {
     "eval": "pathjax.bench.eval",
     "embed-slides": "pathjax.bench.embed_slides",
     "load": "pathjax.bench.load",
+    "generate": "pathjax.bench.generate",
 }
 
 

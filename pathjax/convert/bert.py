@@ -226,7 +226,7 @@ def _tokenizer_with_dec(bert_dir: str, out_dir: str) -> tuple[int, int]:
 
 def convert_bert_dir(bert_dir: str, out: str, *, encoder_width: int,
                      overrides: Mapping[str, Any] | None = None, seed: int = 0,
-                     log=print) -> str:
+                     overwrite: bool = False, log=print) -> str:
   """`pathjax convert --bert DIR`: writes a model directory with one "qformer" tower and the
   tokenizer (with [DEC]); returns its path."""
   from pathjax.convert.safetensors_io import load_safetensors
@@ -259,6 +259,7 @@ def convert_bert_dir(bert_dir: str, out: str, *, encoder_width: int,
         f"{module.cross_attention_frequency} layers over {module.encoder_width}-d patches")
     path = model_dir.save_model_dir(
         out, {"qformer": dict(kind="qformer", module=module, params=params, projection=None)},
-        tokenizer_dir=tok_dir, source=f"qformer: BERT {bert_dir} (seed {seed})")
+        tokenizer_dir=tok_dir, source=f"qformer: BERT {bert_dir} (seed {seed})",
+        overwrite=overwrite)
   log(f"wrote {path}")
   return path

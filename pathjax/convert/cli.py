@@ -6,6 +6,7 @@
       --text plip/model.safetensors --text-format hf --text-config plip/config.json \\
       --tokenizer plip/ --out models/mix
   pathjax convert --bert bert-base-uncased/ --bert-encoder-width 384 --out models/qformer
+  pathjax convert --llm Qwen3-0.6B/ --out models/qwen3
 
 Reads with numpy only (no torch, no pickle). Prints what it inferred from the weights.
 """
@@ -85,6 +86,12 @@ def register(parser: argparse.ArgumentParser) -> None:
   q.add_argument("--bert-field", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                  help="any other Q-Former field (JSON value), e.g. --bert-field vision_width=768")
   q.add_argument("--bert-seed", type=int, default=0, help="seed of the parts BERT lacks")
+  # --- decoder LLM (pathjax/convert/hf_llm.py) ---
+  lm = parser.add_argument_group("decoder LLM")
+  lm.add_argument("--llm", metavar="DIR", help="a Hugging Face causal LM directory (config.json, "
+                  "model.safetensors or a sharded index, tokenizer files): Llama, Qwen2, Qwen3; "
+                  "converted alone (no --vision/--text)")
+  # --- end decoder LLM ---
   o = parser.add_argument_group("output")
   o.add_argument("--out", required=True, metavar="DIR",
                  help="new (or empty) model directory; an existing model directory is replaced "
@@ -192,7 +199,7 @@ def _main_bert(args) -> int:
       overrides[field] = getattr(args, flag)
   try:
     bert.convert_bert_dir(args.bert, args.out, encoder_width=args.bert_encoder_width,
-                          overrides=overrides, seed=args.bert_seed)
+                          overrides=overrides, seed=args.bert_seed, overwrite=args.overwrite)
   except (WeightsError, ValueError, FileNotFoundError) as e:
     print(f"pathjax convert: error: {e}", file=sys.stderr)
     return 2
@@ -203,6 +210,21 @@ def main(args) -> int:
   if getattr(args, "bert", None):
     return _main_bert(args)
   from pathjax.convert import clip_text  # noqa: F401  (import errors surface here)
+  # --- decoder LLM ---
+  if getattr(args, "llm", None):
+    from pathjax.convert import hf_llm
+    from pathjax.models.llm import LLMConfigError
+    if args.vision or args.text:
+      print("pathjax convert: error: --llm converts a decoder LLM alone; run --vision/--text "
+            "separately", file=sys.stderr)
+      return 2
+    try:
+      hf_llm.convert_to_model_dir(args.llm, args.out, scan=args.scan, overwrite=args.overwrite)
+    except (WeightsError, LLMConfigError, FileNotFoundError) as e:
+      print(f"pathjax convert: error: {e}", file=sys.stderr)
+      return 2
+    return 0
+  # --- end decoder LLM ---
   try:
     convert(out=args.out, vision=args.vision, vision_format=args.vision_format,
             vision_variant=args.vision_variant, image_size=args.image_size,

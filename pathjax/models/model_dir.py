@@ -47,10 +47,12 @@ class ModelDirError(ValueError):
 
 def _kinds() -> dict[str, tuple[type, Callable, Callable]]:
   """kind -> (module class, config_dict(module), dummy input(s) for init: an array or a tuple)."""
+  from pathjax.models import llm as llm_lib
   from pathjax.models import qformer as qformer_lib
   from pathjax.models import text as text_lib
   from pathjax.models import vit as vit_lib
   return {
+      "llm": (llm_lib.LLM, llm_lib.config_dict, lambda m: jnp.zeros((1, 8), jnp.int32)),
       "qformer": (qformer_lib.QFormer, qformer_lib.config_dict, qformer_lib.example_inputs),
       "vit": (vit_lib.ViT, vit_lib.config_dict,
               lambda m: jnp.zeros((1, m.image_size, m.image_size, 3), jnp.float32)),
@@ -92,7 +94,7 @@ def save_model_dir(out_dir: str, towers: Mapping[str, Mapping[str, Any]], *,
                    preprocess: Mapping[str, Any] | None = None, tokenizer_dir: str | None = None,
                    tokenizer: str | None = None, source: str | None = None,
                    check: bool = True, max_shard_bytes: int | None = MAX_SHARD_BYTES,
-                   overwrite: bool = False) -> str:
+                   overwrite: bool = False, extra_meta: Mapping[str, Any] | None = None) -> str:
   """Writes a model directory atomically; returns its path.
 
   An existing `out_dir` is replaced only when it is a pathjax model directory (has
@@ -106,6 +108,7 @@ def save_model_dir(out_dir: str, towers: Mapping[str, Mapping[str, Any]], *,
   ImageNet statistics). tokenizer_dir is copied into DIR/tokenizer; `tokenizer` may instead
   name a hub tokenizer. Tensors keep their dtype and are fetched from the devices one at a
   time while writing; above `max_shard_bytes` the params are written as shards with an index.
+  extra_meta: more top-level model.json entries (an LLM's "generation" ids).
   """
   import flax.linen as nn
 
@@ -147,7 +150,7 @@ def save_model_dir(out_dir: str, towers: Mapping[str, Mapping[str, Any]], *,
     preprocess.setdefault("std", list(IMAGENET_STD))
   meta = {"towers": meta_towers, "preprocess": preprocess,
           "tokenizer": TOKENIZER_DIR if tokenizer_dir else tokenizer,
-          "pathjax_version": __version__, "source": source}
+          "pathjax_version": __version__, "source": source, **(extra_meta or {})}
 
   out_dir = os.path.abspath(out_dir)
   parent = os.path.dirname(out_dir)

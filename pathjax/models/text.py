@@ -57,6 +57,7 @@ class TextTransformer(nn.Module):
   deterministic: bool = True
   scan: bool = True
   remat: str = "none"
+  attention: str = "auto"  # layers.Attention.impl: auto | einsum | xla | cudnn | splash
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -78,7 +79,7 @@ class TextTransformer(nn.Module):
         self.param_dtype)
     x = tok + pos[:t].astype(self.dtype)
     x = layers.constrain(x, ("act_batch", "act_len", "act_embed"))
-    block = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, activation=self.activation,
+    block = dict(attention=self.attention, num_heads=self.num_heads, mlp_dim=self.mlp_dim, activation=self.activation,
                  norm_eps=self.norm_eps, causal=True, dropout_rate=self.dropout_rate,
                  deterministic=self.deterministic, dtype=self.dtype, param_dtype=self.param_dtype)
     x = layers.Encoder(self.depth, block, scan=self.scan, remat=self.remat, name="encoder")(x)

@@ -81,6 +81,7 @@ class ViT(nn.Module):
   deterministic: bool = True
   scan: bool = True
   remat: str = "none"
+  attention: str = "auto"  # layers.Attention.impl: auto | einsum | xla | cudnn | splash
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -146,7 +147,7 @@ class ViT(nn.Module):
     if self.pre_norm:
       x = self._norm("norm_pre")(x)
 
-    block = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, activation=self.mlp_activation,
+    block = dict(attention=self.attention, num_heads=self.num_heads, mlp_dim=self.mlp_dim, activation=self.mlp_activation,
                  layer_scale_init=self.layer_scale_init, norm_eps=self.norm_eps,
                  qkv_bias=self.qkv_bias, dropout_rate=self.dropout_rate,
                  deterministic=self.deterministic, dtype=self.dtype, param_dtype=self.param_dtype)
