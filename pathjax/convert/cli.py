@@ -220,7 +220,7 @@ def main(args) -> int:
       return 2
     try:
       hf_llm.convert_to_model_dir(args.llm, args.out, scan=args.scan, overwrite=args.overwrite)
-    except (WeightsError, LLMConfigError, FileNotFoundError) as e:
+    except (WeightsError, LLMConfigError, ValueError, FileNotFoundError) as e:
       print(f"pathjax convert: error: {e}", file=sys.stderr)
       return 2
     return 0
