@@ -25,6 +25,9 @@ from pathjax.input import subcaptions as sc
     ("Is it invasive? Yes! Grade 2.", ["Is it invasive?", "Yes!", "Grade 2"]),
     ("Lymphocytes, plasma cells, etc. Fibrosis.", ["Lymphocytes, plasma cells, etc", "Fibrosis"]),
     ("pT2.N0 stage\n\n  \nGleason 3 + 4 = 7.", ["pT2.N0 stage", "Gleason 3 + 4 = 7"]),
+    ("Lymphovascular invasion: No. Margins clear.", ["Lymphovascular invasion: No", "Margins clear"]),
+    ("See block No. 3 for details. Adenocarcinoma, NOS. Grade 2.",
+     ["See block No. 3 for details", "Adenocarcinoma, NOS", "Grade 2"]),
     ("", []),
     ("   . ", []),
 ])

@@ -4,7 +4,7 @@
 followed by whitespace or the end) and at newlines. Unlike the public PathFLIP code (which
 splits on every "."), a period does not end a sentence inside a number ("3.5 cm",
 "0.2 x 0.1 cm"), after an abbreviation ("e.g.", "Dr.", "approx.", "no."; the list is
-`pathjax.input.reports.ABBREVIATIONS`), after an initial ("J. Smith") or after list
+`pathjax.input.reports.ABBREVIATIONS`; "No."/"Fig." only before a number), after an initial ("J. Smith") or after list
 numbering ("1. Adenocarcinoma. 2. Margins free." gives "1. Adenocarcinoma" and
 "2. Margins free"). Each sentence loses its final "." (the sampler joins with ". ").
 
@@ -36,6 +36,9 @@ _END = re.compile(r"[.!?;](?=\s|$)")
 _LIST_NUMBER = re.compile(r"^(?:\d{1,2}|[ivxIVX]{1,4}|[a-zA-Z])$")
 # Abbreviations that also end sentences when a capitalised word follows.
 _FINAL_ABBREVIATIONS = frozenset({"etc", "al"})
+# Abbreviations only when a number follows ("No. 3", "Fig. 2"; "invasion: No." and
+# "carcinoma, NOS." end sentences).
+_NUMBER_ABBREVIATIONS = frozenset({"no", "nos", "fig", "figs", "ref"})
 
 
 def _last_word(before: str) -> str:
@@ -53,6 +56,8 @@ def _is_sentence_end(line: str, pos: int, sentence_start: int) -> bool:
     return False  # a lone "." at the start of a sentence
   key = word.lower().lstrip("([{\"'")
   after = line[pos + 1:].lstrip()
+  if key in _NUMBER_ABBREVIATIONS:
+    return not after[:1].isdigit()
   if key in ABBREVIATIONS or key.replace(".", "") in ABBREVIATIONS:
     return key in _FINAL_ABBREVIATIONS and after[:1].isupper()
   words_before = before.split()
