@@ -1,6 +1,7 @@
 """PathFLIP context transformer and region head vs their PyTorch counterparts; the
 Attention options they use (separate value input, returned weights)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,14 +49,9 @@ def test_context_encoder_matches_torch(activation, with_mask):
   np.testing.assert_allclose(np.asarray(got)[mask], want.numpy()[mask], **TOL)
   # the converted tree has exactly the module's structure and shapes
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x)["params"])
-  assert jax.tree.structure(nn_unbox(abstract)) == jax.tree.structure(params)
-  assert jax.tree.map(lambda a, p: a.shape == p.shape, nn_unbox(abstract), params) == \
+  assert jax.tree.structure(nn.meta.unbox(abstract)) == jax.tree.structure(params)
+  assert jax.tree.map(lambda a, p: a.shape == p.shape, nn.meta.unbox(abstract), params) == \
       jax.tree.map(lambda _: True, params)
-
-
-def nn_unbox(tree):
-  import flax.linen as nn
-  return nn.meta.unbox(tree)
 
 
 def test_context_encoder_dropout_in_training():
@@ -108,7 +104,7 @@ def test_attention_value_input_and_weights():
   params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape), params)
   out, w = att.apply({"params": params}, x, kv, value_input=vin, return_weights=True)
   assert w.shape == (b, h, n, m)
-  p = jax.tree.map(np.asarray, nn_unbox(params))
+  p = jax.tree.map(np.asarray, nn.meta.unbox(params))
   q = np.einsum("bnd,dhk->bnhk", x, p["query"]["kernel"]) + p["query"]["bias"]
   k = np.einsum("bmd,dhk->bmhk", kv, p["key"]["kernel"]) + p["key"]["bias"]
   v = np.einsum("bmd,dhk->bmhk", vin, p["value"]["kernel"]) + p["value"]["bias"]
