@@ -100,3 +100,22 @@ def test_gather_under_jit():
   assert out.shape == (5, 4, 3)
   np.testing.assert_array_equal(np.asarray(out)[r.mask], feats[r.index[r.mask]])
   assert np.all(np.asarray(out)[~r.mask] == 0)
+
+
+def test_make_regions_by_name():
+  from pathjax.input.subcaptions import slide_rng
+  grid = np.array([[x, y] for y in range(5) for x in range(6)], np.int32)
+  w = rg.make_regions("window", 4, num_patches=30, num_regions=3, rng=slide_rng(0, "s", 0, 1))
+  np.testing.assert_array_equal(w.index, rg.make_regions("window", 4, grid=grid, num_regions=3,
+                                                         rng=slide_rng(0, "s", 0, 1)).index)
+  g = rg.make_regions("grid", 4, grid=grid)
+  np.testing.assert_array_equal(g.index, rg.grid_regions(grid, 2).index)
+  assert g.index.shape == (9, 4)
+  with pytest.raises(ValueError, match="square"):
+    rg.make_regions("grid", 8, grid=grid)
+  with pytest.raises(ValueError, match="grid coordinates"):
+    rg.make_regions("grid", 4, num_patches=30)
+  with pytest.raises(ValueError, match="num_patches"):
+    rg.make_regions("window", 4)
+  with pytest.raises(ValueError, match="unknown region method"):
+    rg.make_regions("random", 4, num_patches=3)

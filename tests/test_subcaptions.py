@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 
 from pathjax.config_lib import ConfigError
@@ -116,3 +117,11 @@ def test_load_subcaptions(tmp_path):
     with pytest.raises(ConfigError, match=msg) as e:
       sc.load_subcaptions(str(p))
     assert str(p) in str(e.value)
+
+
+def test_slide_rng_streams():
+  a = sc.slide_rng(0, "s1", 2, stream=0).integers(1 << 30, size=4)
+  assert np.array_equal(a, sc.slide_rng(0, "s1", 2, stream=0).integers(1 << 30, size=4))
+  for other in (sc.slide_rng(0, "s1", 2, stream=1), sc.slide_rng(1, "s1", 2), sc.slide_rng(0, "s2", 2),
+                sc.slide_rng(0, "s1", 3)):
+    assert not np.array_equal(a, other.integers(1 << 30, size=4))

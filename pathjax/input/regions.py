@@ -18,14 +18,18 @@ Both sample L regions per slide (`num_regions`): L distinct regions drawn at ran
 in slide order) when the slide has at least L, else all of them followed by L - W random
 duplicates (the paper's duplication); `num_regions=None` returns every region once
 (evaluation, localization). Sampling takes a numpy Generator, so callers make it
-deterministic per (seed, slide, epoch) as `pathjax.input.subcaptions` does.
+deterministic per (seed, slide, epoch): `pathjax.input.subcaptions.slide_rng(seed, slide,
+epoch, stream=1)`. `make_regions` picks the method by name (a config value).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
+
+METHODS = ("window", "grid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,3 +96,27 @@ def grid_regions(grid: np.ndarray, side: int, num_regions: int | None = None,
   index[region_of, slot] = np.arange(len(grid), dtype=np.int32)
   mask[region_of, slot] = True
   return _sample(index, mask, num_regions, rng)
+
+
+def make_regions(method: str, size: int, *, num_patches: int | None = None,
+                 grid: np.ndarray | None = None, num_regions: int | None = None,
+                 rng: np.random.Generator | None = None) -> Regions:
+  """Regions of `size` patches by `method`: "window" (needs num_patches) or "grid" (needs
+  grid [N, 2]; size must be a square, the block side is its root), so both give [L, size]."""
+  if method == "window":
+    if num_patches is None:
+      num_patches = None if grid is None else len(grid)
+    if num_patches is None:
+      raise ValueError("window regions need num_patches (or the grid, for its length)")
+    return window_regions(num_patches, size, num_regions, rng)
+  if method == "grid":
+    side = math.isqrt(size) if size > 0 else 0
+    if side * side != size or side < 1:
+      raise ValueError(f"grid regions need a square region size (side * side), got {size}; "
+                       f"e.g. 256 = 16 x 16")
+    if grid is None:
+      raise ValueError("grid regions need the patches' grid coordinates [N, 2]")
+    if num_patches is not None and num_patches != len(grid):
+      raise ValueError(f"num_patches {num_patches} != {len(grid)} grid rows")
+    return grid_regions(grid, side, num_regions, rng)
+  raise ValueError(f"unknown region method {method!r}; valid: {', '.join(METHODS)}")

@@ -95,6 +95,13 @@ def _slide_entropy(slide: str) -> int:
   return int.from_bytes(hashlib.blake2b(str(slide).encode("utf-8"), digest_size=8).digest(), "little")
 
 
+def slide_rng(seed: int, slide: str, epoch: int, stream: int = 0) -> np.random.Generator:
+  """A numpy Generator fixed by (seed, slide id, epoch, stream): the same on every host and
+  after a resume. Streams keep independent draws apart (subcaptions 0, regions 1)."""
+  return np.random.default_rng(np.random.SeedSequence(
+      [int(seed), _slide_entropy(slide), int(epoch), int(stream)]))
+
+
 def draw_sentence_indices(n: int, rng: np.random.Generator, p_consecutive: float = 0.5,
                           max_sentences: int = 3) -> list[int]:
   """Sentence indices of one subcaption out of n sentences (see the module docstring)."""
@@ -128,7 +135,7 @@ class SubcaptionSampler:
     self.precomputed = dict(precomputed or {})
 
   def rng(self, slide: str, epoch: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([self.seed, _slide_entropy(slide), int(epoch)]))
+    return slide_rng(self.seed, slide, epoch, stream=0)
 
   def __call__(self, slide: str, caption: str, epoch: int = 0) -> list[str]:
     rng = self.rng(slide, epoch)
