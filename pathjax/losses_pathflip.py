@@ -57,6 +57,14 @@ def pick_negative_subcaptions(rng: jax.Array, own_mask: jax.Array) -> jax.Array:
   return jnp.where(any_real, idx, 0).astype(jnp.int32)
 
 
+def region_texts(t_own: jax.Array, t_neg: jax.Array) -> jax.Array:
+  """The texts each slide's region head attends with: [B, K + B, D] = its own K subcaption
+  embeddings t_own [B, K, D], then every slide's negative subcaption t_neg [B, D]. Split the
+  head's output [B, K + B, D] with `v[:, :K], v[:, K:]` into `v_own`, `v_neg`."""
+  b = t_own.shape[0]
+  return jnp.concatenate([t_own, jnp.broadcast_to(t_neg[None], (b, *t_neg.shape))], axis=1)
+
+
 def region_logits(v_own: jax.Array, t_own: jax.Array, v_neg: jax.Array, t_neg: jax.Array,
                   scale: jax.Array | float, bias: jax.Array | float) -> jax.Array:
   """[B, K + B] logits z: own subcaptions first, then every slide's negative subcaption.

@@ -132,3 +132,41 @@ def test_eight_devices_equal_one():
   np.testing.assert_allclose(float(val), float(one_val), **TOL)
   for a, b in zip(grad, one_grad):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOL)
+
+
+@pytest.mark.slow
+def test_context_region_head_and_losses_compose():
+  """[global; regions] -> ContextEncoder -> RegionHead over region_texts -> L_slide + L_region:
+  finite, every parameter gets a gradient, and the same on 8 devices."""
+  from pathjax.models import pathflip as pf
+  b, k, l, d = 8, 2, 3, 16
+  rng = np.random.default_rng(0)
+  tokens = rng.normal(size=(b, 1 + l, d)).astype(np.float32)
+  t_own = rng.normal(size=(b, k, d)).astype(np.float32)
+  cap = rng.normal(size=(b, d)).astype(np.float32)
+  ctx = pf.ContextEncoder(depth=2, num_heads=4, mlp_dim=32)
+  head = pf.RegionHead(width=d, num_heads=4)
+  texts0 = lp.region_texts(t_own, t_own[:, 0])
+  params = {"ctx": ctx.init(jax.random.key(0), tokens)["params"],
+            "head": head.init(jax.random.key(1), texts0, tokens[:, 1:])["params"],
+            "s": jnp.float32(lp.PAPER_SCALE_INIT), "beta": jnp.float32(lp.PAPER_BIAS_INIT)}
+
+  def loss_fn(params, tokens, t_own, cap, neg_idx):
+    x = ctx.apply({"params": params["ctx"]}, tokens)
+    t_neg = jnp.take_along_axis(t_own, neg_idx[:, None, None], axis=1)[:, 0]
+    v, w = head.apply({"params": params["head"]}, lp.region_texts(t_own, t_neg), x[:, 1:])
+    region, _ = lp.region_sigmoid_loss(v[:, :k], t_own, v[:, k:], t_neg, params["s"], params["beta"])
+    return lp.slide_infonce(x[:, 0], cap) + region, w
+
+  neg_idx = lp.pick_negative_subcaptions(jax.random.key(2), np.ones((b, k), bool))
+  f = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  (val, w), grads = f(params, tokens, t_own, cap, neg_idx)
+  assert np.isfinite(float(val)) and w.shape == (b, k + b, l)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    assert np.all(np.isfinite(np.asarray(g))) and np.any(np.asarray(g) != 0), path
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  put = lambda x: jax.device_put(x, NamedSharding(mesh, P("data", *([None] * (x.ndim - 1)))))
+  (val8, _), grads8 = f(params, put(tokens), put(t_own), put(cap), put(neg_idx))
+  np.testing.assert_allclose(float(val8), float(val), **TOL)
+  for a, b_ in zip(jax.tree.leaves(grads8), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-4, atol=1e-5)
