@@ -366,4 +366,9 @@ _LLM_FIELDS = frozenset(llm_lib.config_dict(llm_lib.LLM()))
 
 def make_recipe(config, mesh=None) -> CausalLMRecipe:
   del mesh  # nothing sharded explicitly
-  return CausalLMRecipe(config)
+  recipe = CausalLMRecipe(config)
+  if recipe.lora is not None and not config.model.get("init_dir"):
+    raise ConfigError("config.lora.rank > 0 trains adapters on a pretrained base: set "
+                      "--config.model.init_dir=DIR (a `pathjax convert --llm` directory or a "
+                      "causal_lm export), or --config.lora.rank=0 to train the whole model")
+  return recipe
