@@ -174,3 +174,20 @@ def test_crash_then_rerun_matches_uninterrupted_run(corpus, tmp_path):
   straight, resumed = comparable(tmp_path / "straight"), comparable(tmp_path / "crashed")
   assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5, 6]
   assert resumed == straight
+
+
+def test_tokenizer_cli_trains_a_causal_tokenizer(corpus, tmp_path, capsys):
+  from transformers import AutoTokenizer
+
+  from pathjax.cli import main
+  out = tmp_path / "tok"
+  assert main(["tokenizer", "train", "--captions", corpus[0], "--field", "report", "--kind",
+               "causal", "--vocab-size", "300", "--out", str(out)]) == 0
+  tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+  ids = tok(SENTENCES[0])["input_ids"]
+  assert ids[0] == tok.bos_token_id and tok.eos_token_id not in ids
+  assert tok.decode(ids, skip_special_tokens=True) == SENTENCES[0]  # case kept, exact
+  capsys.readouterr()
+  assert main(["tokenizer", "train", "--captions", corpus[0], "--field", "report", "--kind",
+               "causal", "--out", str(out)]) == 2          # never overwrites a directory
+  assert "not empty" in capsys.readouterr().err

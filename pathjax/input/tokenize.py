@@ -327,6 +327,12 @@ def read_caption_texts(paths: Sequence[str], field: str = "caption") -> Iterable
 CAUSAL_SPECIALS = ("<pad>", "<s>", "</s>")
 
 
+def min_causal_vocab_size() -> int:
+  """The smallest vocabulary train_causal_tokenizer can make: bytes and 3 specials."""
+  from tokenizers import pre_tokenizers
+  return len(pre_tokenizers.ByteLevel.alphabet()) + len(CAUSAL_SPECIALS)
+
+
 def train_causal_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 4096, *,
                            min_frequency: int = 2, model_max_length: int = 2048) -> str:
   """Trains a GPT-2-style byte-level BPE for a decoder LLM and saves it for AutoTokenizer.
@@ -343,9 +349,14 @@ def train_causal_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int =
   from transformers import PreTrainedTokenizerFast
   pad, bos, eos = CAUSAL_SPECIALS
   alphabet = pre_tokenizers.ByteLevel.alphabet()
-  if vocab_size < len(alphabet) + len(CAUSAL_SPECIALS):
-    raise ValueError(f"vocab_size must be >= {len(alphabet) + len(CAUSAL_SPECIALS)} "
+  if vocab_size < min_causal_vocab_size():
+    raise ValueError(f"vocab_size must be >= {min_causal_vocab_size()} "
                      "(256 bytes and 3 special tokens)")
+  out_dir = os.path.abspath(out_dir)
+  if os.path.isdir(out_dir) and os.listdir(out_dir) or os.path.isfile(out_dir):
+    import errno
+    raise FileExistsError(errno.EEXIST, "exists and is not empty (nothing was overwritten)",
+                          out_dir)
   tok = Tokenizer(models.BPE(unk_token=None))
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
@@ -357,7 +368,6 @@ def train_causal_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int =
       single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
   fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
                                  pad_token=pad, model_max_length=model_max_length)
-  out_dir = os.path.abspath(out_dir)
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
