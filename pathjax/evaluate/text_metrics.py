@@ -23,6 +23,7 @@ and `format_comparison` prints them side by side.
 from __future__ import annotations
 
 import collections
+import functools
 import re
 import shutil
 from typing import Any, Iterable, Sequence
@@ -104,17 +105,22 @@ def coco_metrics(predictions: Sequence[str], references: Sequence[str | Sequence
   if shutil.which("java") is None:
     skipped["meteor"] = "METEOR needs Java (the java command is not on PATH)"
     return scores, skipped
-  from pycocoevalcap.meteor.meteor import Meteor
   # The jar cannot score an empty hypothesis line; an empty prediction scores 0 by definition.
   keep = [i for i in res if res[i][0].strip()]
   if keep:
-    scorer = Meteor()
-    _, per = scorer.compute_score({i: gts[i] for i in keep}, {i: res[i] for i in keep})
-    del scorer  # its __del__ stops the Java process
+    _, per = _meteor().compute_score({i: gts[i] for i in keep}, {i: res[i] for i in keep})
     scores["meteor"] = 100.0 * float(sum(per)) / len(res)
   else:
     scores["meteor"] = 0.0
   return scores, skipped
+
+
+@functools.lru_cache(maxsize=1)
+def _meteor():
+  """One METEOR Java process per Python process (it takes seconds to load its tables);
+  pycocoevalcap's Meteor stops it when it is garbage collected."""
+  from pycocoevalcap.meteor.meteor import Meteor
+  return Meteor()
 
 
 def score(predictions: Sequence[str], references: Sequence[str | Sequence[str]], *,
