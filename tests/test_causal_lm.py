@@ -191,3 +191,19 @@ def test_tokenizer_cli_trains_a_causal_tokenizer(corpus, tmp_path, capsys):
   assert main(["tokenizer", "train", "--captions", corpus[0], "--field", "report", "--kind",
                "causal", "--out", str(out)]) == 2          # never overwrites a directory
   assert "not empty" in capsys.readouterr().err
+
+
+def test_packed_rows_and_predict_fns(corpus):
+  recipe = causal_lm.make_recipe(_config(corpus, **{"data.packing": True, "data.seq_len": 16}))
+  rows = recipe.examples()
+  seqs = causal_lm.encode_texts(recipe.tokenizer, recipe.texts)
+  assert rows["inputs"].shape == ((sum(map(len, seqs)) - 1) // 16, 16)
+  assert rows["loss_mask"].all() and rows["attention_mask"].all()
+  np.testing.assert_array_equal(rows["inputs"][1:, 0], rows["targets"][:-1, -1])  # one overlap
+  assert set(recipe.predict_fns(None)) == {"logits", "generate"}
+  params = recipe.init(jax.random.key(0), recipe.example_batch(2))
+  fns = recipe.predict_fns(params)
+  logits = fns["logits"](jnp.asarray(rows["inputs"][:2]))
+  assert logits.shape == (2, 16, recipe.model.vocab_size)
+  out = fns["generate"]([[recipe.tokenizer.bos_token_id]], max_new_tokens=3)
+  assert len(out) == 1 and 1 <= len(out[0]) <= 3
