@@ -39,6 +39,28 @@ def setup():
   return recipe, batch, params
 
 
+def test_ancestor_pairs_by_tree_depth():
+  """A full 4-level bag (85 patches) gathers 3 ancestors per patch, not 84."""
+  from pathjax.input import sampling
+  parent = [-1]
+  level_start = 0
+  for level in range(1, 4):
+    count = 4 ** (level - 1)
+    parent += [level_start + i // 4 for i in range(4 * count)]
+    level_start += count
+  parent = jnp.asarray([parent])
+  assert parent.shape[1] == 85 == sampling.num_selected(range(4), "all")
+  cfg = tiny_recipe("input.sampling=all").config.input
+  depth = mrplip._tree_depth(cfg, 85)
+  assert depth == 3
+  anc, ok = mrplip._ancestor_pairs(parent, "all", depth)
+  assert anc.shape == (1, 85, 3)
+  full, full_ok = mrplip._ancestor_pairs(parent, "all")           # the P - 1 bound
+  pairs = lambda a, k: {(int(x), i) for i in range(85) for x, y in zip(a[0, i], k[0, i]) if y}
+  assert pairs(anc, ok) == pairs(full, full_ok) and len(pairs(anc, ok)) == 84 + 80 + 64
+  assert mrplip._tree_depth(tiny_recipe().config.input, 4) == 3
+
+
 def test_ancestor_pairs_chain_and_tree():
   chain = jnp.asarray([[-1, 0, 1, 2]])
   anc, ok = mrplip._ancestor_pairs(chain, "adjacent")
@@ -89,25 +111,28 @@ def test_mrtva_matches_direct_pairs(setup):
   _, w_eot, w = apply(mrplip.MRPLIPModel.encode_text, kb.reshape(-1, kb.shape[-1]))
   w, w_eot = w.reshape(b, kb.shape[1], -1), w_eot.reshape(b, kb.shape[1], -1)
   valid = jnp.asarray(batch["patch_mask"])
-  got = recipe._mrtva(apply, pooled.reshape(b, p, -1), v.reshape(b, p, -1), w, w_eot,
-                      jnp.asarray(batch["keyword_mask"]), jnp.asarray(batch["parent"]), valid)
+  got, monitors = recipe._mrtva(params, pooled.reshape(b, p, -1), v.reshape(b, p, -1), w, w_eot,
+                                jnp.asarray(batch["keyword_mask"]), jnp.asarray(batch["parent"]),
+                                valid)
 
   k = recipe.config.loss.fusion_keywords
-  terms = []
+  z = []
   for i in range(b):
     mask = np.asarray(batch["keyword_mask"][i])
-    z = []
     for j in range(p):
       sims = np.where(mask, np.asarray(w[i] @ v.reshape(b, p, -1)[i, j]), -np.inf)
       top = np.argsort(-sims, kind="stable")[:k]
       z.append(apply(mrplip.MRPLIPModel.fuse, pooled.reshape(b, p, -1)[i, j][None],
                      w_eot[i][top][None], jnp.asarray(np.isfinite(sims[top]))[None])[0])
-    g, h = apply(mrplip.MRPLIPModel.simsiam, jnp.stack(z))
-    cos = lambda a, c: float(np.dot(a, c) / np.linalg.norm(a) / np.linalg.norm(c))
-    for child in range(1, p):
-      par = child - 1
-      terms.append(-0.5 * cos(h[par], g[child]) - 0.5 * cos(h[child], g[par]))
+  # BatchNorm heads: statistics over the whole batch of patches.
+  (g, h), _ = model.apply({"params": params}, jnp.stack(z), valid.reshape(-1),
+                          method=mrplip.MRPLIPModel.simsiam, mutable=["batch_stats"])
+  g, h = np.asarray(g).reshape(b, p, -1), np.asarray(h).reshape(b, p, -1)
+  cos = lambda a, c: float(np.dot(a, c) / np.linalg.norm(a) / np.linalg.norm(c))
+  terms = [-0.5 * cos(h[i, child - 1], g[i, child]) - 0.5 * cos(h[i, child], g[i, child - 1])
+           for i in range(b) for child in range(1, p)]
   np.testing.assert_allclose(float(got), np.mean(terms), rtol=2e-4, atol=2e-5)
+  assert 0.3 < float(monitors["monitor_projector_spread"]) < 1.5
 
 
 def test_sigmoid_itc_under_mesh_equals_unsharded(setup):
@@ -147,7 +172,28 @@ def test_load_pretrained_replaces_towers(setup, tmp_path):
   for name in ("vision_tower", "text_tower", "vision_proj"):
     jax.tree.map(np.testing.assert_array_equal, loaded[name], other[name])
   jax.tree.map(np.testing.assert_array_equal, loaded["fusion_encoder"], params["fusion_encoder"])
-  bad = tiny_recipe(f"model.init_dir={tmp_path / 'init'}", "model.vision.overrides.mlp_dim=48")
-  bad_params = nn.unbox(bad.init(jax.random.key(0), batch))
-  with pytest.raises(ValueError, match="shape mismatch for .*fc1"):
-    bad.load_pretrained(bad_params, jax.tree.map(lambda x: x.sharding, bad_params))
+  # An override that disagrees with the directory names both values.
+  with pytest.raises(config_lib.ConfigError, match=r"mlp_dim=48 .*mlp_dim=64"):
+    tiny_recipe(f"model.init_dir={tmp_path / 'init'}", "model.vision.overrides.mlp_dim=48")
+
+
+def test_architecture_from_init_dir(setup, tmp_path):
+  """A text tower converted with gelu trains with gelu; the variant's sizes give way to the
+  directory's; an explicit override that disagrees is a ConfigError naming both values."""
+  from pathjax.models import model_dir
+  recipe, batch, params = setup
+  exported = recipe.export(jax.device_get(params))
+  text = exported["towers"]["text"]
+  text["module"] = text["module"].clone(activation="gelu", norm_eps=1e-6)
+  model_dir.save_model_dir(str(tmp_path / "gelu"), **exported)
+  loaded = tiny_recipe(f"model.init_dir={tmp_path / 'gelu'}")
+  assert loaded.model.text["activation"] == "gelu" and loaded.model.text["norm_eps"] == 1e-6
+  assert recipe.model.text["activation"] == "quick_gelu"
+  # The tiny sizes come from overrides here; without them the directory supplies them.
+  base = [o for o in TINY if not o.startswith("model.text.overrides.")] + [
+      "model.text.overrides.vocab_size=128"]
+  plain = make_recipe(config_lib.load_config("configs/mrplip.py:smoke",
+                                             base + [f"model.init_dir={tmp_path / 'gelu'}"]))
+  assert (plain.model.text["width"], plain.model.text["depth"]) == (32, 1)
+  with pytest.raises(config_lib.ConfigError, match=r"activation='quick_gelu'.*activation='gelu'"):
+    tiny_recipe(f"model.init_dir={tmp_path / 'gelu'}", "model.text.overrides.activation=quick_gelu")
