@@ -92,8 +92,8 @@ def test_full_clip_matches_transformers(tmp_path, patch, image, act):
   vt, tt = model.towers["vision"], model.towers["text"]
   img = np.asarray(vt(jnp.asarray(pixels.transpose(0, 2, 3, 1)))["pooled"]) @ vt.projection
   txt = np.asarray(tt(jnp.asarray(ids, jnp.int32))["pooled"])
-  img /= np.linalg.norm(img, axis=-1, keepdims=True)
-  txt /= np.linalg.norm(txt, axis=-1, keepdims=True)
+  img = img / np.linalg.norm(img, axis=-1, keepdims=True)
+  txt = txt / np.linalg.norm(txt, axis=-1, keepdims=True)
   np.testing.assert_allclose(img, r.image_embeds.numpy(), atol=TOL)
   np.testing.assert_allclose(txt, r.text_embeds.numpy(), atol=TOL)
   logits = 20.0 * img @ txt.T
