@@ -71,6 +71,7 @@ def _loss() -> ml_collections.ConfigDict:
       cvta_text_unit="keyword",  # keyword | caption
       cvta_negatives="bag",      # bag (paper) | global (also every other bag's keywords)
       fusion_keywords=3,         # keywords fused with each patch for MRTVA (top-k_o)
+      itm_negatives="hard",      # ITM negatives: hard (sampled by ITC similarity) | random
       itm_false_negative_cos=0.9,  # ITM: captions this close to the positive are not negatives
       mrtva_pairs="adjacent",    # adjacent (5-10, 10-20, 20-40) | all (every ancestor)
   ))
@@ -109,6 +110,9 @@ def get_config(arg=None):
     # The demo's bags hold 12-41 distinct keywords (median 24) of at most 9 tokens.
     config.input.max_keywords = 48
     config.loss.keyword_context = 12
+    # Template captions: six classes x two power bands of paraphrases, so most ITC-hard
+    # negatives are paraphrases of the positive; uniform negatives keep ITM learnable.
+    config.loss.itm_negatives = "random"
     config.input.augment.enabled = True
     opt.lr, opt.end_lr, opt.warmup_steps, opt.weight_decay = 2e-3, 1e-5, 30, 0.02
   else:

@@ -28,6 +28,7 @@ from pathjax.models.vit import ViT
 
 TEXT_UNITS = ("keyword", "caption")
 MRTVA_PAIRS = ("adjacent", "all")
+ITM_NEGATIVES = ("hard", "random")
 CONTRASTIVE = ("softmax", "sigmoid")
 
 
@@ -133,6 +134,8 @@ class MRPLIPRecipe:
       raise ConfigError(f"loss.cvta_text_unit {loss_cfg.cvta_text_unit!r}; valid: {TEXT_UNITS}")
     if loss_cfg.mrtva_pairs not in MRTVA_PAIRS:
       raise ConfigError(f"loss.mrtva_pairs {loss_cfg.mrtva_pairs!r}; valid: {MRTVA_PAIRS}")
+    if loss_cfg.get("itm_negatives", "hard") not in ITM_NEGATIVES:
+      raise ConfigError(f"loss.itm_negatives {loss_cfg.itm_negatives!r}; valid: {ITM_NEGATIVES}")
     if loss_cfg.contrastive not in CONTRASTIVE:
       raise ConfigError(f"loss.contrastive {loss_cfg.contrastive!r}; valid: {CONTRASTIVE}")
     vision = _variant(ViT, m.vision.variant)
@@ -366,7 +369,9 @@ class MRPLIPRecipe:
     `loss.itm_false_negative_cos` to the positive caption. Without that filter the hardest
     "negatives" are paraphrases of the positive (the demo's template captions: same class,
     same magnification), ITM cannot tell them apart, and it learns the prior p(match) = 1/3.
-    Rows left without an admissible negative are masked.
+    Rows left without an admissible negative are masked. `loss.itm_negatives = 'random'`
+    samples negatives uniformly instead (the smoke config: with six classes of template
+    captions even filtered hard negatives are mostly paraphrases early in training).
     """
     cfg = self.config.loss
     sim = scale * v @ t.T
@@ -375,6 +380,8 @@ class MRPLIPRecipe:
     threshold = float(cfg.get("itm_false_negative_cos", 1.0))
     if threshold < 1.0:
       same = same | (t_sg @ t_sg.T >= threshold)
+    if cfg.get("itm_negatives", "hard") == "random":
+      sim = jnp.zeros_like(sim)      # uniform over the admissible captions / images
     neg_t, neg_i = losses.itm_hard_negative_indices(sim, sim.T, rng, positive_mask=same,
                                                     valid=valid)
     n = pooled.shape[0]
