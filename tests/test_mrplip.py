@@ -197,3 +197,32 @@ def test_architecture_from_init_dir(setup, tmp_path):
   assert (plain.model.text["width"], plain.model.text["depth"]) == (32, 1)
   with pytest.raises(config_lib.ConfigError, match=r"activation='quick_gelu'.*activation='gelu'"):
     tiny_recipe(f"model.init_dir={tmp_path / 'gelu'}", "model.text.overrides.activation=quick_gelu")
+
+
+def test_keyword_context_cuts_long_keywords_to_end_with_eos(setup):
+  recipe = tiny_recipe("loss.keyword_context=4")
+  eos = recipe.model.text["vocab_size"] - 1       # no tokenizer: argmax pooling, eos is the last id
+  ids = np.zeros((1, 3, 8), np.int32)
+  ids[0, 0, :3] = [5, 6, eos]                     # fits
+  ids[0, 1, :7] = [5, 6, 7, 8, 9, 10, eos]        # too long: cut to 5, 6, 7, eos
+  metrics = {}
+  out = np.asarray(recipe._keyword_context(jnp.asarray(ids), metrics))
+  np.testing.assert_array_equal(out[0, 0], [5, 6, eos, 0])
+  np.testing.assert_array_equal(out[0, 1], [5, 6, 7, eos])
+  np.testing.assert_array_equal(out[0, 2], [0, 0, 0, 0])
+  assert int(metrics["keywords_truncated"]) == 1
+
+
+def test_itm_identical_captions_are_not_negatives(setup):
+  """Captions that say the same as the positive never serve as its negative: with one caption
+  repeated over the batch no row has a negative and only the positives are scored."""
+  recipe, batch, params = setup
+  same = dict(batch)
+  same["caption_ids"] = np.broadcast_to(batch["caption_ids"][:1, :1], batch["caption_ids"].shape).copy()
+  same["caption_mask"] = np.ones_like(batch["caption_mask"])
+  _, metrics = recipe.loss(params, same, jax.random.key(1), True)
+  assert int(metrics["itm_rows_with_negative"]) == 0
+  _, metrics = recipe.loss(params, batch, jax.random.key(1), True)
+  assert int(metrics["itm_rows_with_negative"]) > 0
+  for key in ("monitor_image_spread", "monitor_projector_spread", "monitor_mrtva_unrelated_cos"):
+    assert np.isfinite(float(metrics[key]))
