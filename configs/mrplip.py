@@ -51,6 +51,8 @@ def _model(size: str) -> ml_collections.ConfigDict:
       head_norm="batch",         # SimSiam heads: batch (BatchNorm, batch statistics) | layer
       scan=True,                 # scan over layers (fast compiles at depth 24)
       remat="none",              # none | full | dots | dots_no_batch
+      attention="auto",          # auto | einsum | xla | cudnn | splash (auto: for the platform
+                                 # traced for; `pathjax compile` traces for the TPU)
       init_dir="",               # a model directory (pathjax convert) to start the towers from;
                                  # its towers' architecture fields (model.json) replace the
                                  # variant's, a disagreeing override is a ConfigError

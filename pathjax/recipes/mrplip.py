@@ -148,8 +148,10 @@ class MRPLIPRecipe:
     vision.update(vision_over)
     text.update(text_over, context_length=config.input.context_length)
     text.update(self._tokenizer_fields(config, text.get("vocab_size", 0)))
-    vision.update(scan=m.scan, remat=m.remat, image_size=config.input.image_size)
-    text.update(scan=m.scan, remat=m.remat)
+    attention = m.get("attention", "auto")
+    vision.update(scan=m.scan, remat=m.remat, image_size=config.input.image_size,
+                  attention=attention)
+    text.update(scan=m.scan, remat=m.remat, attention=attention)
     fusion = {**m.fusion.to_dict(), "scan": m.scan, "remat": m.remat}
     self.compute_dtype = _dtype(config.precision.compute_dtype)
     head_norm = m.get("head_norm", "batch")
@@ -507,7 +509,7 @@ class MRPLIPRecipe:
 
 
 # Fields of a model directory's tower config that the run decides, not the architecture.
-_RUNTIME_FIELDS = ("scan", "remat", "dropout_rate", "deterministic", "image_size",
+_RUNTIME_FIELDS = ("scan", "remat", "attention", "dropout_rate", "deterministic", "image_size",
                    "context_length", "eos_id")
 
 
