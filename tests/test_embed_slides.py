@@ -1,5 +1,6 @@
 """`pathjax embed-slides`: slide embedding files, resume, process split, bad slides, reader."""
 
+import glob
 import json
 import os
 
@@ -228,7 +229,8 @@ def test_two_real_processes_with_the_launcher(tiny_slides, model, embedded, tmp_
              PORT=str(20000 + os.getpid() % 20000 + 7))
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-  logs = [open(tmp_path / f"pathjax_proc_{i}.log").read() for i in (0, 1)]
+  (logdir,) = glob.glob(str(tmp_path / "pathjax-launch.*"))  # the launcher's private log folder
+  logs = [open(os.path.join(logdir, f"proc_{i}.log")).read() for i in (0, 1)]
   assert proc.returncode == 0, proc.stderr[-2000:] + "\n".join(l[-2000:] for l in logs)
   parts = [json.load(open(os.path.join(out, es.STATE_DIR, f"process-{i:05d}-of-00002.json")))
            for i in (0, 1)]

@@ -100,7 +100,9 @@ def test_parameters_have_logical_axes_and_lora_regexes_match():
 
   import flax.linen as nn
 
-  from pathjax.tree_utils import flatten
+  from flax import traverse_util
+
+  flatten = lambda tree: traverse_util.flatten_dict(tree, sep="/")
   module = llm_lib.LLM(**llm_lib.config_from_hf(H.hf_config("qwen2", False).to_dict()))
   boxed = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   specs = flatten(nn.get_partition_spec(boxed))

@@ -254,6 +254,35 @@ def test_captions_and_labels_follow_patches(data):
             patch.caption.lower().replace(" ", "")
 
 
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_eval_iterator_covers_every_record_once(data, process_count):
+  cfg = config(data)
+  seen = []
+  lengths = set()
+  for p in range(process_count):
+    batches = list(pipeline.make_eval_iterator(cfg, batch_size=5, process_index=p,
+                                               process_count=process_count))
+    lengths.add(len(batches))
+    for b in batches:
+      assert b["images"].shape[0] == 5
+      seen += b["record_index"][b["valid"]].tolist()
+  assert len(lengths) == 1
+  assert sorted(seen) == list(range(NUM_BAGS))
+
+
+def test_eval_iterator_has_no_augmentation(data):
+  _, _, bags = data
+  from pathjax.input import transforms
+  batch = next(pipeline.make_eval_iterator(config(data), batch_size=2, process_index=0,
+                                           process_count=1))
+  r, i = batch["record_index"][0], batch["patch_index"][0, 1]
+  np.testing.assert_array_equal(batch["images"][0, 1],
+                                transforms.decode_to_array(bags[r].patches[i].jpeg))
+  again = next(pipeline.make_eval_iterator(config(data), batch_size=2, process_index=0,
+                                           process_count=1))
+  np.testing.assert_array_equal(batch["images"], again["images"])
+
+
 def test_augmentation_config_switches(data):
   cfg = config(data)
   cfg.augment.enabled = False

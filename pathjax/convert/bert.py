@@ -118,7 +118,9 @@ def convert_bert(sd: Mapping[str, np.ndarray], fields: Mapping[str, Any], *, see
   import flax.linen as nn
 
   from pathjax.models import qformer as qformer_lib
-  from pathjax.tree_utils import flatten, unflatten
+  from flax import traverse_util
+  flatten = lambda tree: traverse_util.flatten_dict(tree, sep="/")
+  unflatten = lambda flat: traverse_util.unflatten_dict(flat, sep="/")
 
   module = qformer_lib.QFormer(**fields)
   where = f" ({source})" if source else ""

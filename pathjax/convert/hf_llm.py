@@ -21,7 +21,9 @@ from pathjax.convert.safetensors_io import (PICKLE_SUFFIXES, WeightsError, check
                                             load_safetensors, refuse_pickle)
 from pathjax.models import llm as llm_lib
 from pathjax.models.model_dir import abstract_params
-from pathjax.tree_utils import flatten, unflatten
+from flax import traverse_util
+flatten = lambda tree: traverse_util.flatten_dict(tree, sep="/")
+unflatten = lambda flat: traverse_util.unflatten_dict(flat, sep="/")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json",

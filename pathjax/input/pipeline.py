@@ -361,6 +361,45 @@ def make_train_iterator(config, *, tokenizer=None, process_index=None, process_c
                                  worker_count=worker_count))
 
 
+def make_eval_iterator(config, *, tokenizer=None, records_dir=None, batch_size=None,
+                       process_index=None, process_count=None, worker_count=None):
+  """One pass over every record in order, no augmentation; the final batch is padded.
+
+  Each host gets ceil(N / P) positions (host p: records p, p+P, ...); `valid` [B] marks
+  real examples (padding repeats a real record with valid=False). The sampled patches and
+  keywords are fixed per record (seeded by config.seed). `batch_size` is per host; the
+  default is config.eval_batch_size / process_count.
+  """
+  process_index, process_count = resolve_process(process_index, process_count)
+  source, _ = records_lib.open_records(records_dir or config.get("eval_records_dir")
+                                       or config.records_dir)
+  plan = ShardPlan(len(source), process_index, process_count, shuffle=False,
+                   seed=int(config.get("seed", 0)), pad=True)
+  if batch_size is None:
+    batch_size = _per_host_batch(int(config.get("eval_batch_size", config.global_batch_size)),
+                                 process_count)
+  num_batches = -(-plan.per_epoch // batch_size)
+  examples = BagExamples(source, plan, _spec(config, config.get("seed", 0)), train=False)
+  text = _as_text_tokenizer(tokenizer, config)
+  ds = grain.MapDataset.range(num_batches * batch_size).map(_PadTo(examples, plan.per_epoch))
+  ds = ds.batch(batch_size, drop_remainder=True, batch_fn=Collate(text))
+  return iter(_finish(ds, config, worker_count))
+
+
+class _PadTo:
+  """Positions past `n` repeat position 0 with valid=False."""
+
+  def __init__(self, fn, n):
+    self.fn, self.n = fn, n
+
+  def __call__(self, index):
+    if index < self.n:
+      return self.fn(index)
+    example = self.fn(0)
+    example["valid"] = np.bool_(False)
+    return example
+
+
 def batches_per_epoch(config, process_count: int | None = None) -> int:
   """Training steps per epoch (per host), for schedules."""
   if process_count is None:
