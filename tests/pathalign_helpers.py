@@ -104,3 +104,25 @@ def smoke_config(paths: dict, variant: str = "smoke", **overrides):
       target = target[h]
     target[last] = v
   return config
+
+
+def tiny_llm_dir(out_dir: str, seed: int = 0) -> str:
+  """A random tiny Llama-layout model directory (kind llm) with an offline BPE tokenizer,
+  as `pathjax convert --llm` writes one (no torch needed)."""
+  import tempfile
+
+  import jax
+  import jax.numpy as jnp
+
+  from llm_helpers import train_tokenizer
+  from pathjax.models import model_dir
+  from pathjax.models.llm import LLM
+  module = LLM(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+               intermediate_size=96, norm_eps=1e-5, scan=True)
+  params = jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"]
+  with tempfile.TemporaryDirectory() as tok:
+    train_tokenizer(tok)
+    return model_dir.save_model_dir(
+        out_dir, {"llm": dict(kind="llm", module=module, params=params, projection=None)},
+        tokenizer_dir=tok, extra_meta={"generation": {"eos_token_id": [2], "pad_token_id": 0,
+                                                      "bos_token_id": 1}})

@@ -587,23 +587,25 @@ class PathAlignRecipe:
 
   def generate(self, params, features, coords, mask, *, max_new_tokens: int = 64,
                num_beams: int = 1) -> list[str]:
-    """Reports for a batch of slides: soft tokens + prompt through the frozen LLM (greedy or
-    beam search with pathjax.generate)."""
+    """Reports for a batch of slides: Q-Former soft tokens, then the prompt, through the
+    frozen LLM (pathjax.generate: greedy, or beam search with num_beams > 1)."""
     from pathjax.generate import Generator
     if self.llm_text is None:
       raise ConfigError("generation needs model.llm_dir with a tokenizer")
     gen = self.__dict__.get("_generator")
     if gen is None or gen.params is not params["llm"]:
-      gen = self._generator = Generator(_llm(self), params["llm"],
-                                        eos_ids=[self.llm_text.eos_id], pad_id=self.llm_text.pad_id)
-    apply = self._apply(params, jax.random.key(0), False)
-    batch = {"features": features, "coords": coords, "patch_mask": mask,
-             "llm_ids": jnp.tile(jnp.asarray(self.llm_text.prompt_ids, jnp.int32)[None],
-                                 (features.shape[0], 1)),
-             "llm_mask": jnp.ones((features.shape[0], len(self.llm_text.prompt_ids)), bool)}
-    embeds, _, _ = self._stage2_embeds(params, apply, batch)
-    out = gen.generate_embeds(np.asarray(embeds), max_new_tokens=max_new_tokens,
-                              num_beams=num_beams)
+      gen = self._generator = Generator(_llm(self), params["llm"], eos_ids=[self.llm_text.eos_id],
+                                        pad_id=self.llm_text.pad_id)
+    soft_fn = self.__dict__.get("_soft_fn")
+    if soft_fn is None:
+      def soft(p, f, c, m):
+        kv = self.model.apply({"params": p}, "encode_patches", f, c, m, method=PathAlignModel.q)
+        return self.model.apply({"params": p}, kv, method=PathAlignModel.soft_tokens)
+      soft_fn = self._soft_fn = jax.jit(soft)
+    prefix = soft_fn(params, jnp.asarray(features), jnp.asarray(coords), jnp.asarray(mask).astype(bool))
+    prompts = [list(self.llm_text.prompt_ids)] * int(prefix.shape[0])
+    out = gen.generate(prompts, prefix=np.asarray(prefix), max_new_tokens=max_new_tokens,
+                       num_beams=num_beams)
     return [self.llm_text.decode(o) for o in out]
 
   def export(self, params) -> dict[str, Any]:
