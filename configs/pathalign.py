@@ -51,7 +51,10 @@ def _qformer(size: str) -> ml_collections.ConfigDict:
              dropout_rate=0.1, attention_dropout_rate=0.1)
   if size == "retrieval":
     q["num_queries"] = 1
-  return ml_collections.ConfigDict(dict(q, vocab_size=0, pos_encoding=True))
+  # vocab 0: the tokenizer's size (smoke); bert-base-uncased + [DEC] otherwise (a real run
+  # takes every Q-Former field from model.init_dir).
+  return ml_collections.ConfigDict(dict(q, vocab_size=0 if size == "smoke" else 30523,
+                                        pos_encoding=True))
 
 
 def get_config(arg=None):
@@ -109,8 +112,6 @@ def get_config(arg=None):
     config.precision.compute_dtype = "bfloat16"
     opt.lr, opt.end_lr, opt.weight_decay = 1e-4, 1e-5, 0.05
     opt.warmup_steps = 2000 if size == "stage2" else 5000
-    if size == "stage2":
-      config.model.qformer.vocab_size = 30523   # bert-base-uncased + [DEC] (from init_dir in a real run)
 
   for ablation in ablations:
     if ablation == "no_itm":
