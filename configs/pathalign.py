@@ -80,6 +80,7 @@ def get_config(arg=None):
       feature_dtype="float16",
       holdout_fraction=0.2,    # slides held out for evaluation (stable hash of the id)
       split_seed=0,
+      heldout_pattern="",      # regex over slide ids: held out when it matches (replaces the hash)
       whole_report_fallback=False,  # pair a slide whose part is not found with the whole report
   ))
   config.input = ml_collections.ConfigDict(dict(

@@ -56,6 +56,10 @@ def test_pipeline_is_deterministic_resumable_and_split_by_process(data):
   for i, pos in enumerate(batch["slide_index"]):
     n = min(train.patches[pos], m)
     assert batch["patch_mask"][i].sum() == n and not batch["features"][i, n:].any()
+  # An explicit held-out set by slide-id pattern.
+  explicit = make_recipe(H.smoke_config(data, **{"data.heldout_pattern": "-00[0-4]$"}))
+  assert explicit.data("heldout").slide_ids == [f"slide-00{i}" for i in range(5)]
+  assert len(explicit.data("train").slide_ids) == 19
   # Resume: the state after 2 batches gives batches 3 and 4 again.
   c = recipe.train_iterator(0, 1)
   _batches(c, 2)
@@ -186,6 +190,23 @@ def test_learns_retrieval_and_zero_shot_above_chance(tmp_path):
 def test_killed_stage1_run_resumes_exactly(data, tmp_path):
   from pathjax.train import train
   config = H.smoke_config(data, total_steps=6, checkpoint_every=2, keep_checkpoints=2)
+  train(config, tmp_path / "straight")
+  with pytest.raises(Crash):
+    train(config, tmp_path / "crashed", evaluators=[crash_at(5)])
+  assert max(comparable(tmp_path / "crashed")) == 4
+  train(config, tmp_path / "crashed")
+  straight, resumed = comparable(tmp_path / "straight"), comparable(tmp_path / "crashed")
+  assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5, 6]
+  assert resumed == straight
+
+
+@pytest.mark.slow
+def test_killed_stage2_run_resumes_exactly(data, tmp_path):
+  """The frozen LLM is reloaded (not restored) on the rerun; the rest comes from the checkpoint."""
+  from pathjax.train import train
+  llm = H.tiny_llm_dir(str(tmp_path / "llm"))
+  config = H.smoke_config(data, "smoke,stage2", total_steps=6, checkpoint_every=2,
+                          keep_checkpoints=2, **{"model.llm_dir": llm})
   train(config, tmp_path / "straight")
   with pytest.raises(Crash):
     train(config, tmp_path / "crashed", evaluators=[crash_at(5)])

@@ -138,8 +138,17 @@ def load_pairs(data_cfg, encoder_width: int, split: str = "train") -> SlideRepor
   if split not in ("train", "heldout", "all"):
     raise ValueError(f"split {split!r}: valid train, heldout, all")
   frac, seed = float(data_cfg.holdout_fraction), int(data_cfg.split_seed)
-  ids = sorted(s for s in pairing.pairs if split == "all"
-               or heldout(s, frac, seed) == (split == "heldout"))
+  pattern = data_cfg.get("heldout_pattern", "")
+  if pattern:  # an explicit held-out set, e.g. slide ids with a "heldout-" prefix
+    import re
+    try:
+      held = re.compile(pattern).search
+    except re.error as e:
+      raise ConfigError(f"data.heldout_pattern {pattern!r} is not a regular expression: {e}") from None
+    is_held = lambda s: held(s) is not None
+  else:
+    is_held = lambda s: heldout(s, frac, seed)
+  ids = sorted(s for s in pairing.pairs if split == "all" or is_held(s) == (split == "heldout"))
   summary["split"], summary["split_slides"] = split, len(ids)
   if not ids:
     raise ConfigError(f"no {split} slide has both an embedding in {data_cfg.embeddings} and a "
