@@ -301,3 +301,23 @@ def test_retrieval_metrics_and_chance_levels_on_known_embeddings():
   pos = np.zeros((1, 10), bool)
   pos[0, :3] = True
   assert chance_at_k(pos, (1, 2))[2] == pytest.approx(1 - (7 * 6) / (10 * 9))
+
+
+def test_llm_text_targets_and_pickling(tmp_path):
+  """Stage-2 LLM inputs: prompt then report + eos, targets on the report only; survives
+  pickling (Grain workers)."""
+  import pickle
+  from pathjax.recipes.pathalign import LLMText
+  from llm_helpers import train_tokenizer
+  tok = train_tokenizer(str(tmp_path / "tok"))
+  t = LLMText(tok, "the slide shows", 24, eos_id=2, pad_id=0)
+  enc = t.encode("invasive carcinoma of the gland")
+  n, p = int(enc["llm_mask"].sum()), len(t.prompt_ids)
+  assert t.prompt_ids[0] == 1 and list(enc["llm_ids"][:p]) == t.prompt_ids
+  assert enc["llm_ids"][n - 1] == 2 and (enc["llm_ids"][n:] == 0).all()
+  assert not enc["llm_targets"][:p].any() and enc["llm_targets"][p:n].all() and not enc["llm_targets"][n:].any()
+  assert t.decode(enc["llm_ids"][p:]) == "invasive carcinoma of the gland"
+  u = pickle.loads(pickle.dumps(t))
+  for k, v in u.encode("invasive carcinoma of the gland").items():
+    np.testing.assert_array_equal(v, enc[k])
+  assert u.decode(enc["llm_ids"][p:]) == "invasive carcinoma of the gland"
