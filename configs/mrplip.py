@@ -39,16 +39,23 @@ def _model(size: str) -> ml_collections.ConfigDict:
   else:
     vision = dict(variant="B/16" if size == "vitb16" else "L/16", overrides=dict(
         layer_scale_init=1e-5 if size == "vitl16" else None))
-    # QuiltNet / OpenAI CLIP text tower: width 512, 12 layers, 8 heads, 49408 tokens.
-    text = dict(variant="base", overrides=dict(vocab_size=49408, activation="quick_gelu"))
+    # QuiltNet / OpenAI CLIP text tower: width 512, 12 layers, 8 heads, 49408 tokens. The
+    # activation is the module default (quick_gelu) or, with model.init_dir, the converted
+    # tower's (model.json): a tower converted with gelu trains with gelu.
+    text = dict(variant="base", overrides=dict(vocab_size=49408))
     fusion = dict(width=768, depth=6 if size == "vitl16" else 2, num_heads=12, mlp_dim=3072)
     embed_dim, projector, predictor = 512, (2048, 2048, 2048), (512, 2048)
   return ml_collections.ConfigDict(dict(
       vision=vision, text=text, fusion=fusion, embed_dim=embed_dim,
       projector_dims=projector, predictor_dims=predictor,
+      head_norm="batch",         # SimSiam heads: batch (BatchNorm, batch statistics) | layer
       scan=True,                 # scan over layers (fast compiles at depth 24)
       remat="none",              # none | full | dots | dots_no_batch
-      init_dir="",               # a model directory (pathjax convert) to start the towers from
+      attention="auto",          # auto | einsum | xla | cudnn | splash (auto: for the platform
+                                 # traced for; `pathjax compile` traces for the TPU)
+      init_dir="",               # a model directory (pathjax convert) to start the towers from;
+                                 # its towers' architecture fields (model.json) replace the
+                                 # variant's, a disagreeing override is a ConfigError
       init_towers=("vision", "text"),
   ))
 
@@ -62,9 +69,12 @@ def _loss() -> ml_collections.ConfigDict:
       contrastive="softmax",     # softmax (gathered) | sigmoid (chunked ring over devices)
       temperature_init=0.07,
       cvta_k=3,                  # k_o: positives per patch
+      keyword_context=16,        # tokens per keyword (bos + a few tokens + eos); 0 = context_length
       cvta_text_unit="keyword",  # keyword | caption
       cvta_negatives="bag",      # bag (paper) | global (also every other bag's keywords)
       fusion_keywords=3,         # keywords fused with each patch for MRTVA (top-k_o)
+      itm_negatives="hard",      # ITM negatives: hard (sampled by ITC similarity) | random
+      itm_false_negative_cos=0.9,  # ITM: captions this close to the positive are not negatives
       mrtva_pairs="adjacent",    # adjacent (5-10, 10-20, 20-40) | all (every ancestor)
   ))
 
@@ -82,7 +92,10 @@ def get_config(arg=None):
   config.loss = _loss()
   config.input = default_input_config()
   config.input.global_batch_size = config.get_ref("batch_size")
-  config.input.max_keywords = 12
+  # The whole bag's distinct keywords (bags with more are subsampled at random; the paper's
+  # 85-patch bags of Quilt-LLaVA captions): at keyword_context=16 tokens, 64 keywords cost
+  # about what 12 keywords at 77 tokens did.
+  config.input.max_keywords = 64
   config.input.class_names = ()
   config.input.sampling = "chain"
 
@@ -96,7 +109,12 @@ def get_config(arg=None):
     config.checkpoint_every = 100
     config.input.image_size = 64
     config.input.context_length = 32
-    config.input.max_keywords = 8   # text encoding dominates the smoke step's FLOPs
+    # The demo's bags hold 12-41 distinct keywords (median 24) of at most 9 tokens.
+    config.input.max_keywords = 48
+    config.loss.keyword_context = 12
+    # Template captions: six classes x two power bands of paraphrases, so most ITC-hard
+    # negatives are paraphrases of the positive; uniform negatives keep ITM learnable.
+    config.loss.itm_negatives = "random"
     config.input.augment.enabled = True
     opt.lr, opt.end_lr, opt.warmup_steps, opt.weight_decay = 2e-3, 1e-5, 30, 0.02
   else:

@@ -31,6 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pathjax import sharding
+from pathjax.models import layers
 
 GiB = 1024 ** 3
 
@@ -324,7 +325,9 @@ def compile_train_step(config, topology: Topology, *, recipe=None, count_flops: 
   start = time.time()
   log(f"lowering the train step (global batch {global_batch}, mesh {dict(mesh.shape)})")
   # The step enters sharding.mesh_context while tracing, so activation constraints apply.
-  lowered = step.lower(state, frozen, batch)
+  # Trace for the TPU: attention "auto" picks the TPU kernel, not the CPU host's einsum.
+  with layers.target_platform("tpu"):
+    lowered = step.lower(state, frozen, batch)
   log(f"lowered in {time.time() - start:.0f} s; compiling for {topology.name}")
   error, memory, flops = None, {}, None
   try:
@@ -336,15 +339,17 @@ def compile_train_step(config, topology: Topology, *, recipe=None, count_flops: 
   seconds = time.time() - start
   model_flops = step_flops = None
   if count_flops:
-    step_flops = jaxpr_flops(step, state, frozen, batch)
+    with layers.target_platform("tpu"):
+      step_flops = jaxpr_flops(step, state, frozen, batch)
     model_flops = step_flops
     if "model" in config and config.model.get("remat", "none") != "none":
       plain = config.copy_and_resolve_references()
       with plain.unlocked():
         plain.model.remat = "none"
       from pathjax.recipes.base import make_recipe as _make  # pylint: disable=import-outside-toplevel
-      model_flops = jaxpr_flops(train.build_train_step(plain, _make(plain, mesh=mesh), mesh, layout),
-                                state, frozen, batch)
+      with layers.target_platform("tpu"):
+        model_flops = jaxpr_flops(train.build_train_step(plain, _make(plain, mesh=mesh), mesh,
+                                                         layout), state, frozen, batch)
   return CompileResult(topology=topology, global_batch=global_batch,
                        per_chip_batch=global_batch / topology.num_chips,
                        mesh=dict(mesh.shape), memory=memory, flops=flops,

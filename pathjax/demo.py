@@ -100,11 +100,19 @@ def run(out: str, *, train_slides: int, heldout_slides: int, steps: int, patch_s
   config = config_lib.load_config(f"{_config_path()}:smoke", overrides)
   t0 = _step(f"4. train MR-PLIP smoke for {steps} steps (pathjax train --config={SMOKE} "
              f"--workdir {workdir} " + " ".join(f"--config.{o}" for o in overrides[:3]) + " ...)")
-  train_lib.train(config, workdir)
+  heldout_file = os.path.join(workdir, "heldout_checks.json")
+  evaluator = train_lib.Evaluator(name="heldout", every=steps,
+                                  fn=_heldout_checks(config, records["heldout"], heldout_file))
+  train_lib.train(config, workdir, evaluators=[evaluator])
   metrics = _read_metrics(workdir)
   results["loss_first"], results["loss_last"] = metrics[0]["loss"], metrics[-1]["loss"]
   print(f"   loss {results['loss_first']:.3f} (step {metrics[0]['step']}) -> "
         f"{results['loss_last']:.3f} (step {metrics[-1]['step']})")
+  results["train_monitors"] = {k: metrics[-1][k] for k in sorted(metrics[-1])
+                               if k.startswith("monitor_") or k.startswith("itm")}
+  if os.path.exists(heldout_file):
+    with open(heldout_file, encoding="utf-8") as f:
+      results["heldout"] = json.load(f)
   _done(t0)
 
   t0 = _step("5. zero-shot tissue classification on held-out slides, per magnification "
@@ -133,6 +141,64 @@ def run(out: str, *, train_slides: int, heldout_slides: int, steps: int, patch_s
   with open(os.path.join(out, "demo_results.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)
   return results
+
+
+def _heldout_checks(config, records_dir: str, out_file: str):
+  """Evaluator for the end of training: collapse monitors and ITM on held-out bags.
+
+  Monitors: the training loss's monitor_* metrics over the held-out batches (spread ~1
+  healthy, 0 collapsed; unrelated cosine ~0 healthy). ITM: every held-out patch with its own
+  caption (match) and with the caption of a patch of another bag (a random mismatch), one
+  of each, so the constant predictor scores 0.5; accuracy at p(match) > 0.5 and the AUC.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from pathjax.evaluate import metrics as metrics_lib
+  from pathjax.input import pipeline
+  from pathjax.recipes.base import make_recipe
+
+  def fn(params, step) -> dict:
+    recipe = make_recipe(config)
+    loss_fn = jax.jit(lambda p, b: recipe.loss(p, b, jax.random.key(0), False)[1])
+    match = jax.jit(recipe.match_fn(params))
+    it = pipeline.make_eval_iterator(config.input, records_dir=records_dir, batch_size=32,
+                                     worker_count=0)
+    sums: dict[str, list[float]] = {}
+    p_pos, p_neg = [], []
+    rng = np.random.default_rng(0)
+    for batch in it:
+      arrays = {k: v for k, v in batch.items() if v.dtype.kind not in "USO"}
+      for k, v in jax.device_get(loss_fn(params, arrays)).items():
+        if k.startswith("monitor_"):
+          sums.setdefault(k, []).append(float(v))
+      b, p = batch["images"].shape[:2]
+      ok = (batch["patch_mask"] & batch["caption_mask"] & batch["valid"][:, None]).reshape(-1)
+      images = batch["images"].reshape((b * p,) + batch["images"].shape[2:])[ok]
+      ids = batch["caption_ids"].reshape(b * p, -1)[ok]
+      bag = np.repeat(np.arange(b), p)[ok]
+      if len(set(bag.tolist())) < 2:
+        continue
+      other = np.empty(len(bag), np.int64)
+      for i in range(len(bag)):
+        other[i] = rng.choice(np.flatnonzero(bag != bag[i]))
+      p_pos.append(np.asarray(match(jnp.asarray(images), jnp.asarray(ids))))
+      p_neg.append(np.asarray(match(jnp.asarray(images), jnp.asarray(ids[other]))))
+    pos, neg = np.concatenate(p_pos), np.concatenate(p_neg)
+    scores = np.concatenate([pos, neg])
+    truth = np.concatenate([np.ones(len(pos), bool), np.zeros(len(neg), bool)])
+    out = {k: float(np.mean(v)) for k, v in sums.items()}
+    out.update(itm_pairs=int(truth.size), itm_accuracy=float(np.mean((scores > 0.5) == truth)),
+               itm_constant_accuracy=float(max(truth.mean(), 1 - truth.mean())),
+               itm_auc=metrics_lib.binary_auc(truth, scores),
+               itm_p_match_matched=float(pos.mean()), itm_p_match_mismatched=float(neg.mean()))
+    tmp = f"{out_file}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(out, f, indent=2)
+    os.replace(tmp, out_file)
+    return out
+
+  return fn
 
 
 def _real_slide(out: str, model_dir: str, patch_size: int, workers: int) -> dict:
@@ -167,6 +233,22 @@ def _real_slide(out: str, model_dir: str, patch_size: int, workers: int) -> dict
 def _print_summary(results: dict) -> None:
   print("\n== summary")
   print(f"training loss: {results['loss_first']:.3f} -> {results['loss_last']:.3f}")
+  train, held = results.get("train_monitors", {}), results.get("heldout", {})
+  names = sorted(k[len("monitor_"):] for k in set(train) | set(held) if k.startswith("monitor_"))
+  if names:
+    print("collapse monitors (spread: ~1 healthy, 0 collapsed; unrelated cos: ~0 healthy, 1 "
+          "collapsed):")
+    print(f"  {'embedding':>26} {'last train step':>16} {'held-out':>9}")
+    fmt = lambda d, k: f"{d[k]:.3f}" if k in d else "-"
+    for name in names:
+      key = f"monitor_{name}"
+      print(f"  {name:>26} {fmt(train, key):>16} {fmt(held, key):>9}")
+  if "itm_accuracy" in held:
+    print(f"ITM on {held['itm_pairs']} held-out pairs (each patch with its caption and with "
+          f"another bag's): accuracy {held['itm_accuracy']:.3f} (constant predictor "
+          f"{held['itm_constant_accuracy']:.3f}), AUC {held['itm_auc']:.3f}, p(match) "
+          f"{held['itm_p_match_matched']:.3f} matched / {held['itm_p_match_mismatched']:.3f} "
+          f"mismatched")
   table = results["zeroshot"]
   print(f"zero-shot on held-out slides ({table['num_classes']} tissue classes; chance balanced "
         f"accuracy {table['chance']:.3f}):")

@@ -41,6 +41,8 @@ def test_classification_metrics_match_sklearn(seed, absent):
   # classes, the mean of sklearn's binary AUCs over the present classes.
   if not absent:
     assert metrics.ovr_auc(y, scores) == pytest.approx(skm.roc_auc_score(y, scores, multi_class="ovr"))
+    probs = metrics.softmax(scores)  # sklearn's one-vs-one needs rows that sum to 1
+    assert metrics.ovo_auc(y, probs) == pytest.approx(skm.roc_auc_score(y, probs, multi_class="ovo"))
   else:
     present = sorted(set(y.tolist()))
     expected = np.mean([skm.roc_auc_score(y == k, scores[:, k]) for k in present])

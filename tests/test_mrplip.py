@@ -44,6 +44,28 @@ def setup():
   return recipe, batch, params
 
 
+def test_ancestor_pairs_by_tree_depth():
+  """A full 4-level bag (85 patches) gathers 3 ancestors per patch, not 84."""
+  from pathjax.input import sampling
+  parent = [-1]
+  level_start = 0
+  for level in range(1, 4):
+    count = 4 ** (level - 1)
+    parent += [level_start + i // 4 for i in range(4 * count)]
+    level_start += count
+  parent = jnp.asarray([parent])
+  assert parent.shape[1] == 85 == sampling.num_selected(range(4), "all")
+  cfg = tiny_recipe("input.sampling=all").config.input
+  depth = mrplip._tree_depth(cfg, 85)
+  assert depth == 3
+  anc, ok = mrplip._ancestor_pairs(parent, "all", depth)
+  assert anc.shape == (1, 85, 3)
+  full, full_ok = mrplip._ancestor_pairs(parent, "all")           # the P - 1 bound
+  pairs = lambda a, k: {(int(x), i) for i in range(85) for x, y in zip(a[0, i], k[0, i]) if y}
+  assert pairs(anc, ok) == pairs(full, full_ok) and len(pairs(anc, ok)) == 84 + 80 + 64
+  assert mrplip._tree_depth(tiny_recipe().config.input, 4) == 3
+
+
 def test_ancestor_pairs_chain_and_tree():
   chain = jnp.asarray([[-1, 0, 1, 2]])
   anc, ok = mrplip._ancestor_pairs(chain, "adjacent")
@@ -94,25 +116,28 @@ def test_mrtva_matches_direct_pairs(setup):
   _, w_eot, w = apply(mrplip.MRPLIPModel.encode_text, kb.reshape(-1, kb.shape[-1]))
   w, w_eot = w.reshape(b, kb.shape[1], -1), w_eot.reshape(b, kb.shape[1], -1)
   valid = jnp.asarray(batch["patch_mask"])
-  got = recipe._mrtva(apply, pooled.reshape(b, p, -1), v.reshape(b, p, -1), w, w_eot,
-                      jnp.asarray(batch["keyword_mask"]), jnp.asarray(batch["parent"]), valid)
+  got, monitors = recipe._mrtva(params, pooled.reshape(b, p, -1), v.reshape(b, p, -1), w, w_eot,
+                                jnp.asarray(batch["keyword_mask"]), jnp.asarray(batch["parent"]),
+                                valid)
 
   k = recipe.config.loss.fusion_keywords
-  terms = []
+  z = []
   for i in range(b):
     mask = np.asarray(batch["keyword_mask"][i])
-    z = []
     for j in range(p):
       sims = np.where(mask, np.asarray(w[i] @ v.reshape(b, p, -1)[i, j]), -np.inf)
       top = np.argsort(-sims, kind="stable")[:k]
       z.append(apply(mrplip.MRPLIPModel.fuse, pooled.reshape(b, p, -1)[i, j][None],
                      w_eot[i][top][None], jnp.asarray(np.isfinite(sims[top]))[None])[0])
-    g, h = apply(mrplip.MRPLIPModel.simsiam, jnp.stack(z))
-    cos = lambda a, c: float(np.dot(a, c) / np.linalg.norm(a) / np.linalg.norm(c))
-    for child in range(1, p):
-      par = child - 1
-      terms.append(-0.5 * cos(h[par], g[child]) - 0.5 * cos(h[child], g[par]))
+  # BatchNorm heads: statistics over the whole batch of patches.
+  (g, h), _ = model.apply({"params": params}, jnp.stack(z), valid.reshape(-1),
+                          method=mrplip.MRPLIPModel.simsiam, mutable=["batch_stats"])
+  g, h = np.asarray(g).reshape(b, p, -1), np.asarray(h).reshape(b, p, -1)
+  cos = lambda a, c: float(np.dot(a, c) / np.linalg.norm(a) / np.linalg.norm(c))
+  terms = [-0.5 * cos(h[i, child - 1], g[i, child]) - 0.5 * cos(h[i, child], g[i, child - 1])
+           for i in range(b) for child in range(1, p)]
   np.testing.assert_allclose(float(got), np.mean(terms), rtol=2e-4, atol=2e-5)
+  assert 0.3 < float(monitors["monitor_projector_spread"]) < 1.5
 
 
 def test_sigmoid_itc_under_mesh_equals_unsharded(setup):
@@ -160,8 +185,51 @@ def test_load_pretrained_replaces_towers(setup, tmp_path):
     np.testing.assert_array_equal(loaded[path], value)
   only = {p for p in abstract if p.startswith("text_tower/")}
   assert set(recipe2.load_pretrained(abstract, only)) == only
-  bad = tiny_recipe(f"model.init_dir={tmp_path / 'init'}", "model.vision.overrides.mlp_dim=48")
-  bad_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                              flat(nn.unbox(bad.init(jax.random.key(0), batch))))
-  with pytest.raises(ValueError, match="shape mismatch for .*fc1"):
-    bad.load_pretrained(bad_abstract, set(bad_abstract))
+  # An override that disagrees with the directory names both values.
+  with pytest.raises(config_lib.ConfigError, match=r"mlp_dim=48 .*mlp_dim=64"):
+    tiny_recipe(f"model.init_dir={tmp_path / 'init'}", "model.vision.overrides.mlp_dim=48")
+
+
+def test_architecture_from_init_dir(setup, tmp_path):
+  """A text tower converted with gelu trains with gelu (fields the config does not set come
+  from the directory); an explicit override that disagrees is a ConfigError naming both."""
+  from pathjax.models import model_dir
+  recipe, batch, params = setup
+  exported = recipe.export(jax.device_get(params))
+  text = exported["towers"]["text"]
+  text["module"] = text["module"].clone(activation="gelu", norm_eps=1e-6)
+  model_dir.save_model_dir(str(tmp_path / "gelu"), **exported)
+  loaded = tiny_recipe(f"model.init_dir={tmp_path / 'gelu'}")
+  assert loaded.model.text["activation"] == "gelu" and loaded.model.text["norm_eps"] == 1e-6
+  assert recipe.model.text.get("activation", "quick_gelu") == "quick_gelu"  # module default
+  with pytest.raises(config_lib.ConfigError, match=r"num_heads=4 .*num_heads=2"):
+    tiny_recipe(f"model.init_dir={tmp_path / 'gelu'}", "model.text.overrides.num_heads=4")
+
+
+def test_keyword_context_cuts_long_keywords_to_end_with_eos(setup):
+  recipe = tiny_recipe("loss.keyword_context=4")
+  eos = recipe.model.text["vocab_size"] - 1       # no tokenizer: argmax pooling, eos is the last id
+  ids = np.zeros((1, 3, 8), np.int32)
+  ids[0, 0, :3] = [5, 6, eos]                     # fits
+  ids[0, 1, :7] = [5, 6, 7, 8, 9, 10, eos]        # too long: cut to 5, 6, 7, eos
+  metrics = {}
+  out = np.asarray(recipe._keyword_context(jnp.asarray(ids), metrics))
+  np.testing.assert_array_equal(out[0, 0], [5, 6, eos, 0])
+  np.testing.assert_array_equal(out[0, 1], [5, 6, 7, eos])
+  np.testing.assert_array_equal(out[0, 2], [0, 0, 0, 0])
+  assert int(metrics["keywords_truncated"]) == 1
+
+
+def test_itm_identical_captions_are_not_negatives(setup):
+  """Captions that say the same as the positive never serve as its negative: with one caption
+  repeated over the batch no row has a negative and only the positives are scored."""
+  recipe, batch, params = setup
+  same = dict(batch)
+  same["caption_ids"] = np.broadcast_to(batch["caption_ids"][:1, :1], batch["caption_ids"].shape).copy()
+  same["caption_mask"] = np.ones_like(batch["caption_mask"])
+  _, metrics = recipe.loss(params, same, jax.random.key(1), True)
+  assert int(metrics["itm_rows_with_negative"]) == 0
+  _, metrics = recipe.loss(params, batch, jax.random.key(1), True)
+  assert int(metrics["itm_rows_with_negative"]) > 0
+  for key in ("monitor_image_spread", "monitor_projector_spread", "monitor_mrtva_unrelated_cos"):
+    assert np.isfinite(float(metrics[key]))

@@ -249,6 +249,11 @@ def test_stage2_keeps_the_llm_bit_identical_and_out_of_the_checkpoint(data, tmp_
   args = [arr[k][:2] for k in ("features", "coords", "patch_mask")]
   assert len(recipe.generate(seen[4], *args, max_new_tokens=4)) == 2
   assert len(recipe.generate(seen[4], *args, max_new_tokens=4, num_beams=2)) == 2
+  from pathjax.evaluate.slides import SlideModel, run_report_generation
+  res = run_report_generation(ds, SlideModel(recipe, seen[4], batch_size=4), max_new_tokens=4,
+                              report=lambda s: None)
+  assert len(res.predictions) == len(ds) and "bleu" in res.metrics["model"]
+  assert "bleu" in res.metrics["most_frequent_report"]
 
 
 def test_generation_after_prefix_embeddings_equals_the_same_tokens_as_ids(tmp_path):

@@ -7,6 +7,8 @@
       --tokenizer plip/ --out models/mix
   pathjax convert --bert bert-base-uncased/ --bert-encoder-width 384 --out models/qformer
   pathjax convert --llm Qwen3-0.6B/ --out models/qwen3
+  pathjax convert --clip plip/model.safetensors --clip-config plip/config.json \
+      --tokenizer plip/ --out models/plip          # a full CLIP: PLIP, QuiltNet, CONCH-style
 
 Reads with numpy only (no torch, no pickle). Prints what it inferred from the weights.
 """
@@ -92,14 +94,25 @@ def register(parser: argparse.ArgumentParser) -> None:
                   "model.safetensors or a sharded index, tokenizer files): Llama, Qwen2, Qwen3; "
                   "converted alone (no --vision/--text)")
   # --- end decoder LLM ---
+  c = parser.add_argument_group(
+      "full CLIP model (vision + text + projections; instead of --vision/--text)")
+  c.add_argument("--clip", metavar="PATH", help="a transformers CLIPModel (vision_model.*, "
+                 "text_model.*) or open_clip CLIP (visual.*) checkpoint (.safetensors)")
+  c.add_argument("--clip-format", default="auto", choices=["auto", "hf", "open_clip"])
+  c.add_argument("--clip-config", metavar="JSON", help="transformers config.json or open_clip "
+                 "model config (heads, activation, eps; default heads: width / 64)")
+  c.add_argument("--clip-activation", choices=["quick_gelu", "gelu"],
+                 help="activation of both towers (open_clip weights do not record it)")
   o = parser.add_argument_group("output")
   o.add_argument("--out", required=True, metavar="DIR",
                  help="new (or empty) model directory; an existing model directory is replaced "
                  "only with --overwrite, anything else is never touched")
   o.add_argument("--overwrite", action="store_true",
                  help="replace an existing pathjax model directory at --out")
-  o.add_argument("--mean", type=float, nargs=3, help="normalisation mean (default ImageNet)")
-  o.add_argument("--std", type=float, nargs=3, help="normalisation std (default ImageNet)")
+  o.add_argument("--mean", type=float, nargs=3, help="normalisation mean (default ImageNet; "
+                 "CLIP's with --clip)")
+  o.add_argument("--std", type=float, nargs=3, help="normalisation std (default ImageNet; "
+                 "CLIP's with --clip)")
   o.add_argument("--no-scan", dest="scan", action="store_false",
                  help="store per-layer params (blocks_{i}) instead of stacked (scan)")
 
@@ -206,6 +219,45 @@ def _main_bert(args) -> int:
   return 0
 
 
+def convert_full_clip(*, out: str, clip: str, fmt: str = "auto", config: str | None = None,
+                      activation: str | None = None, tokenizer: str | None = None, mean=None,
+                      std=None, scan: bool = True, overwrite: bool = False, log=print) -> str:
+  """A full CLIP checkpoint -> a model directory with a vision tower (+ projection) and a
+  text tower, evaluated by `pathjax eval` like any other model directory."""
+  from pathjax.convert import clip_model
+  from pathjax.convert.safetensors_io import load_safetensors
+  from pathjax.models import model_dir, text as text_lib, vit as vit_lib
+  vision_fields, text_fields = clip_model.read_config(config) if config else ({}, {})
+  if activation:
+    vision_fields["mlp_activation"] = text_fields["activation"] = activation
+  sd = load_safetensors(clip)
+  conv = clip_model.convert_clip(sd, fmt=None if fmt == "auto" else fmt, scan=scan,
+                                 vision_fields=vision_fields, text_fields=text_fields,
+                                 source=clip)
+  (vf, vp, projection), (tf, tp) = conv["vision"], conv["text"]
+  vision, text = vit_lib.ViT(**vf), text_lib.TextTransformer(**tf)
+  if projection is None or not text.embed_dim:
+    raise ValueError(f"{clip}: a full CLIP needs both projections (visual_projection / "
+                     f"visual.proj and text_projection) to share an embedding space")
+  if projection.shape[1] != text.embed_dim:
+    raise ValueError(f"{clip}: the vision projection maps to {projection.shape[1]} dims, the "
+                     f"text projection to {text.embed_dim}")
+  towers = {"vision": dict(kind="vit", module=vision, params=vp, projection=projection),
+            "text": dict(kind="clip_text", module=text, params=tp, projection=None)}
+  preprocess = {"image_size": vision.image_size, "mean": list(mean or model_dir.CLIP_MEAN),
+                "std": list(std or model_dir.CLIP_STD)}
+  log(f"vision: CLIP ViT ({conv['format']}) width {vision.width}, depth {vision.depth}, heads "
+      f"{vision.num_heads}, patch {vision.patch_size}, image size {vision.image_size}, "
+      f"{vision.mlp_activation}, projection {tuple(projection.shape)}")
+  log(f"text: CLIP text width {text.width}, depth {text.depth}, heads {text.num_heads}, context "
+      f"{text.context_length}, vocab {text.vocab_size}, embed {text.embed_dim}, "
+      f"{text.activation}, eos_id {text.eos_id}; logit scale {conv['logit_scale']}")
+  path = model_dir.save_model_dir(out, towers, preprocess=preprocess, tokenizer_dir=tokenizer,
+                                  source=f"clip: {clip} ({conv['format']})", overwrite=overwrite)
+  log(f"wrote {path}")
+  return path
+
+
 def main(args) -> int:
   if getattr(args, "bert", None):
     return _main_bert(args)
@@ -226,6 +278,14 @@ def main(args) -> int:
     return 0
   # --- end decoder LLM ---
   try:
+    if getattr(args, "clip", None):
+      if args.vision or args.text:
+        raise ValueError("--clip converts both towers: drop --vision/--text")
+      convert_full_clip(out=args.out, clip=args.clip, fmt=args.clip_format,
+                        config=args.clip_config, activation=args.clip_activation,
+                        tokenizer=args.tokenizer, mean=args.mean, std=args.std, scan=args.scan,
+                        overwrite=args.overwrite)
+      return 0
     convert(out=args.out, vision=args.vision, vision_format=args.vision_format,
             vision_variant=args.vision_variant, image_size=args.image_size,
             vision_fields=vision_overrides(args), pos_embed_on_prefix=args.pos_embed_on_prefix,

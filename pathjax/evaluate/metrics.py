@@ -15,6 +15,11 @@ may be absent from the labels; each metric treats them the way scikit-learn does
   class is present this equals `roc_auc_score(y, scores, multi_class="ovr")`; scikit-learn
   refuses the absent-class case, here those classes are left out. Two classes: the AUC of
   class 1 (`roc_auc_score(y, scores[:, 1])`). NaN when no class qualifies.
+* one-vs-one AUC (`auc_ovo`): Hand & Till's mean over every pair (a, b) of classes present
+  in the labels of (AUC(a vs b by column a) + AUC(b vs a by column b)) / 2, each on the
+  examples of those two classes only; equals `roc_auc_score(y, scores, multi_class="ovo")`
+  (MR-PLIP's zero-shot script reports it) when every class is present. Two classes: the
+  binary AUC, as one-vs-rest.
 * Cohen's kappa and quadratic kappa: over the whole class list in its order
   (`cohen_kappa_score(y, p, labels=range(C), weights=...)`), so quadratic weights use the
   true index distance of ordinal classes (grades) even when some are absent.
@@ -88,6 +93,22 @@ def ovr_auc(labels, scores: np.ndarray) -> float:
   return float(np.mean(aucs)) if aucs else float("nan")
 
 
+def ovo_auc(labels, scores: np.ndarray) -> float:
+  """One-vs-one AUC, Hand & Till (see the module docstring)."""
+  labels = np.asarray(labels, np.int64)
+  scores = np.asarray(scores, np.float64)
+  if scores.shape[1] == 2:
+    return binary_auc(labels == 1, scores[:, 1])
+  present = [k for k in range(scores.shape[1]) if np.any(labels == k)]
+  pairs = []
+  for i, a in enumerate(present):
+    for b in present[i + 1:]:
+      sel = (labels == a) | (labels == b)
+      pairs.append(0.5 * (binary_auc(labels[sel] == a, scores[sel, a])
+                          + binary_auc(labels[sel] == b, scores[sel, b])))
+  return float(np.mean(pairs)) if pairs else float("nan")
+
+
 def cohen_kappa(labels, preds, num_classes: int, weights: str | None = None) -> float:
   """Cohen's kappa over classes 0..C-1; weights None, "linear" or "quadratic"."""
   if weights not in (None, "linear", "quadratic"):
@@ -116,6 +137,7 @@ def classification_metrics(labels, scores: np.ndarray, *, preds=None) -> dict[st
          "balanced_accuracy": balanced_accuracy(labels, preds, c)}
   out.update(f1_scores(labels, preds, c))
   out["auc"] = ovr_auc(labels, scores)
+  out["auc_ovo"] = ovo_auc(labels, scores)
   out["kappa"] = cohen_kappa(labels, preds, c)
   out["quadratic_kappa"] = cohen_kappa(labels, preds, c, weights="quadratic")
   out["num_examples"] = float(labels.size)

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import math
 import os
-from collections import Counter
 from typing import Any, Sequence
 
 import numpy as np
@@ -254,9 +253,10 @@ def run_zeroshot(ds: SlideEvalSet, model: SlideModel, *, prompts=None, report=pr
 
 
 def run_report_generation(ds: SlideEvalSet, model: SlideModel, *, max_new_tokens: int = 48,
-                          num_beams: int = 1, report=print) -> TaskResult:
-  """Generated reports (stage 2) against the true ones; BLEU / ROUGE-L through
-  pathjax.evaluate.text_metrics.score, next to the most frequent training report."""
+                          num_beams: int = 1, coco: bool = False, report=print) -> TaskResult:
+  """Generated reports (stage 2) against the true ones: BLEU / ROUGE-L (and CIDEr with
+  coco=True) through pathjax.evaluate.text_metrics, next to the most frequent training
+  report (when the split is not the training split)."""
   if "generate" not in model.recipe.predict_fns(None):
     raise SlideEvalError("report_generation needs a stage-2 model (predict function 'generate')")
   arr = model.slide_arrays(ds)
@@ -270,16 +270,19 @@ def run_report_generation(ds: SlideEvalSet, model: SlideModel, *, max_new_tokens
     from pathjax.evaluate import text_metrics
   except ImportError:
     text_metrics = None
+  table = ""
   if text_metrics is not None:
-    metrics.update({f"model/{k}": v for k, v in text_metrics.score(generated, ds.texts).items()})
+    kw = dict(coco=coco, meteor=False)
     if ds.train_texts:
-      common = Counter(ds.train_texts).most_common(1)[0][0]
-      metrics.update({f"most_frequent_report/{k}": v for k, v in
-                      text_metrics.score([common] * len(ds), ds.texts).items()})
-  summary = "\n".join([f"report generation over {len(ds)} slides"] +
-                      [f"  {k}: {v:.4f}" for k, v in metrics.items() if isinstance(v, float)] +
-                      [f"  example {ds.slide_ids[0]}:\n    generated: {generated[0]}\n"
-                       f"    true:      {ds.texts[0]}"])
+      result = text_metrics.report_generation(generated, ds.texts, train_texts=ds.train_texts, **kw)
+      metrics.update(model=result["model"], most_frequent_report=result["baseline"])
+      table = text_metrics.format_comparison(result)
+    else:
+      metrics["model"] = text_metrics.score(generated, ds.texts, **kw)
+      table = "\n".join(f"{k}: {v:.2f}" for k, v in metrics["model"].items() if isinstance(v, float))
+  summary = "\n".join([f"report generation over {len(ds)} slides", table,
+                       f"example {ds.slide_ids[0]}:\n  generated: {generated[0]}\n"
+                       f"  true:      {ds.texts[0]}"])
   report(summary)
   preds = [{"slide": s, "report": t, "generated": g}
            for s, t, g in zip(ds.slide_ids, ds.texts, generated)]

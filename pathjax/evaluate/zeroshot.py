@@ -1,7 +1,8 @@
 """Zero-shot classification with CONCH's prompt ensembling (see pathjax.evaluate.prompts).
 
 Scores are softmax(100 * cosine similarity) over the prompt file's classes (CLIP's logit
-scale); predictions are their argmax and AUC reads them as they are. Examples without a
+scale); predictions are their argmax and AUC reads them as they are, one-vs-rest (`auc`) and
+one-vs-one (`auc_ovo`, as MR-PLIP's zero-shot script computes it). Examples without a
 label are left out; a label the prompt file does not know is an error listing both sets.
 """
 
@@ -17,7 +18,8 @@ from pathjax.evaluate import plots, prompts as prompts_lib
 from pathjax.evaluate.results import TaskResult, format_table
 
 LOGIT_SCALE = 100.0
-HEADLINE = ("accuracy", "balanced_accuracy", "weighted_f1", "macro_f1", "auc", "kappa", "quadratic_kappa")
+HEADLINE = ("accuracy", "balanced_accuracy", "weighted_f1", "macro_f1", "auc", "auc_ovo", "kappa",
+            "quadratic_kappa")
 
 
 def resolve_prompts(dataset: data_lib.Dataset, prompts: str | prompts_lib.Prompts | None,

@@ -349,3 +349,61 @@ def train_wordpiece_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: in
   os.makedirs(out_dir, exist_ok=True)
   fast.save_pretrained(out_dir)
   return out_dir
+
+
+CAUSAL_SPECIALS = ("<pad>", "<s>", "</s>")
+
+
+def min_causal_vocab_size() -> int:
+  """The smallest vocabulary train_causal_tokenizer can make: bytes and 3 specials."""
+  from tokenizers import pre_tokenizers
+  return len(pre_tokenizers.ByteLevel.alphabet()) + len(CAUSAL_SPECIALS)
+
+
+def train_causal_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 4096, *,
+                           min_frequency: int = 2, model_max_length: int = 2048) -> str:
+  """Trains a GPT-2-style byte-level BPE for a decoder LLM and saves it for AutoTokenizer.
+
+  Case is kept (reports are not lowercased); ids 0, 1, 2 are `<pad>`, `<s>` (bos), `</s>`
+  (eos); encoding a text adds bos only (`tokenizer("text")` -> `<s> t_1 ... t_n`, what
+  `pathjax generate` feeds the model), decoding is exact. Every byte is in the vocabulary,
+  so no text is ever unknown. Written atomically; returns `out_dir`.
+  """
+  import shutil
+  import tempfile
+
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+  from transformers import PreTrainedTokenizerFast
+  pad, bos, eos = CAUSAL_SPECIALS
+  alphabet = pre_tokenizers.ByteLevel.alphabet()
+  if vocab_size < min_causal_vocab_size():
+    raise ValueError(f"vocab_size must be >= {min_causal_vocab_size()} "
+                     "(256 bytes and 3 special tokens)")
+  out_dir = os.path.abspath(out_dir)
+  if os.path.isdir(out_dir) and os.listdir(out_dir) or os.path.isfile(out_dir):
+    import errno
+    raise FileExistsError(errno.EEXIST, "exists and is not empty (nothing was overwritten)",
+                          out_dir)
+  tok = Tokenizer(models.BPE(unk_token=None))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                special_tokens=list(CAUSAL_SPECIALS), initial_alphabet=alphabet,
+                                show_progress=False)
+  tok.train_from_iterator(texts, trainer)
+  tok.post_processor = processors.TemplateProcessing(
+      single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
+                                 pad_token=pad, model_max_length=model_max_length)
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  try:
+    fast.save_pretrained(tmp)
+    if os.path.isdir(out_dir) and not os.listdir(out_dir):
+      os.rmdir(out_dir)
+    os.rename(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out_dir

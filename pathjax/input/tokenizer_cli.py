@@ -16,7 +16,7 @@ import sys
 
 def register(parser):
   sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
-  train = sub.add_parser("train", help="train a CLIP-style BPE tokenizer on captions")
+  train = sub.add_parser("train", help="train a BPE tokenizer on captions or reports")
   train.add_argument("--captions", nargs="+", required=True,
                      help="JSON-lines files (or globs) with a caption field per line")
   train.add_argument("--out", required=True, help="output directory")
@@ -24,9 +24,11 @@ def register(parser):
   train.add_argument("--field", default="caption", help="JSON field holding the text")
   train.add_argument("--context-length", type=int, default=77)
   train.add_argument("--min-frequency", type=int, default=2)
-  train.add_argument("--kind", choices=("clip", "wordpiece"), default="clip",
-                     help="clip: CLIP-style byte-level BPE (MR-PLIP); wordpiece: BERT-style with "
-                          "[CLS] [SEP] [PAD] [DEC] (the PathAlign Q-Former; e.g. --field report)")
+  train.add_argument("--kind", choices=["clip", "causal", "wordpiece"], default="clip",
+                     help="clip: lowercased CLIP-style ids for text towers; causal: a GPT-2-style "
+                     "byte-level BPE for decoder LLMs (case kept, <s> prepended, </s> to stop); "
+                     "wordpiece: BERT-style with [CLS] [SEP] [PAD] [DEC] for the PathAlign "
+                     "Q-Former (e.g. --field report)")
 
 
 def _count_lines(paths, field):
@@ -71,13 +73,23 @@ def main(args) -> int:
     print(f"trained a WordPiece tokenizer on {good} texts from {len(paths)} file(s) ({bad} lines "
           f"skipped) -> {args.out}")
     return 0
-  minimum = tokenize.min_vocab_size()
+  minimum = tokenize.min_vocab_size() if args.kind == "clip" else tokenize.min_causal_vocab_size()
   if args.vocab_size < minimum:
+    what = "their end-of-word forms and " if args.kind == "clip" else ""
     print(f"pathjax tokenizer: --vocab-size {args.vocab_size} is too small: a byte-level BPE "
-          f"vocabulary needs at least {minimum} (256 bytes, their end-of-word forms and 3 special "
+          f"vocabulary needs at least {minimum} (256 bytes, {what}3 special "
           f"tokens); pass --vocab-size {minimum} or more", file=sys.stderr)
     return 2
   try:
+    if args.kind == "causal":
+      tokenize.train_causal_tokenizer(tokenize.read_caption_texts(paths, args.field), args.out,
+                                      args.vocab_size, min_frequency=args.min_frequency)
+      from transformers import AutoTokenizer
+      tok = AutoTokenizer.from_pretrained(args.out, local_files_only=True)
+      print(f"trained on {good} texts from {len(paths)} file(s) ({bad} lines skipped); vocab "
+            f"{len(tok)}, bos {tok.bos_token_id}, eos {tok.eos_token_id}, pad {tok.pad_token_id} "
+            f"-> {args.out}")
+      return 0
     tokenize.train_bpe_tokenizer(tokenize.read_caption_texts(paths, args.field), args.out,
                                  args.vocab_size, context_length=args.context_length,
                                  min_frequency=args.min_frequency)

@@ -189,6 +189,11 @@ class Attention(nn.Module):
   caller's mask/kv_mask marks the slots holding real tokens; `causal` hides later slots),
   and the call returns (out, new_cache). Prefill is a call with the prompt at index 0,
   decoding a call with one token at the next index.
+
+  `value_input` gives the values their own input (torch nn.MultiheadAttention's separate
+  key and value; default: `kv`). `return_weights=True` runs the einsum path and also
+  returns the attention probabilities [batch, heads, q_len, kv_len] (before dropout), for
+  attention maps such as PathFLIP's localization; it cannot be combined with a cache.
   """
   num_heads: int
   head_dim: int | None = None
@@ -208,8 +213,12 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: Array, kv: Array | None = None, mask: Array | None = None, *,
                kv_mask: Array | None = None, rope: tuple[Array, Array] | None = None,
-               cache: tuple[Array, Array] | None = None, cache_index: Array | int | None = None):
+               cache: tuple[Array, Array] | None = None, cache_index: Array | int | None = None,
+               value_input: Array | None = None, return_weights: bool = False):
     kv = x if kv is None else kv
+    value_input = kv if value_input is None else value_input
+    if return_weights and cache is not None:
+      raise ValueError("return_weights cannot be combined with a KV cache")
     head_dim = self.head_dim or x.shape[-1] // self.num_heads
     kv_heads = self.num_kv_heads or self.num_heads
     if self.num_heads % kv_heads:
@@ -218,7 +227,7 @@ class Attention(nn.Module):
                              param_dtype=self.param_dtype, use_bias=self.use_bias)
     q = proj((self.num_heads, head_dim), name="query")(x)
     k = proj((kv_heads, head_dim), name="key")(kv)
-    v = proj((kv_heads, head_dim), name="value")(kv)
+    v = proj((kv_heads, head_dim), name="value")(value_input)
     qkv_axes = ("act_batch", "act_len", "act_heads", "act_kv")
     q, k, v = (constrain(t, qkv_axes) for t in (q, k, v))
     if self.qk_norm:
@@ -244,13 +253,14 @@ class Attention(nn.Module):
       q_offset = index
 
     dropout = self.dropout_rate > 0.0 and not self.deterministic
-    impl = self._pick(q, k, mask, kv_mask, dropout, cache is not None)
+    impl = "einsum" if return_weights else self._pick(q, k, mask, kv_mask, dropout, cache is not None)
+    weights = None
     if impl == "splash":
       out = self._splash(q, k, v, kv_mask)
     else:
       mask = self._full_mask(mask, kv_mask, q.shape[1], k.shape[1], q_offset)
       if impl == "einsum":
-        out = self._einsum(q, k, v, mask, dropout)
+        out, weights = self._einsum(q, k, v, mask, dropout)
       else:
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     out = constrain(out, qkv_axes)
@@ -258,6 +268,8 @@ class Attention(nn.Module):
     out = dense(self.out_features or x.shape[-1], ("heads", "kv", "embed"), in_axes=(-2, -1),
                 dtype=self.dtype, param_dtype=self.param_dtype, use_bias=out_bias,
                 name="out")(out)
+    if return_weights:
+      return out, weights
     return out if cache is None else (out, new_cache)
 
   def _pick(self, q, k, mask, kv_mask, dropout: bool, cached: bool) -> str:
@@ -313,10 +325,11 @@ class Attention(nn.Module):
         mask = mask.reshape(mask.shape[0], kv_heads, group, *mask.shape[2:])
       scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+    weights = probs.reshape(b, heads, q_len, -1)                        # [b, h, q, kv]
     if dropout:
       probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
     out = jnp.einsum("bkgqj,bkjd->bkgqd", probs, v)
-    return out.reshape(b, heads, q_len, d).swapaxes(1, 2)               # [b, len, h, d]
+    return out.reshape(b, heads, q_len, d).swapaxes(1, 2), weights      # [b, len, h, d]
 
   def _splash(self, q, k, v, kv_mask):
     """The Pallas TPU splash (flash) kernel, one example at a time under vmap; key padding
@@ -356,11 +369,15 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """Transformer MLP: fc1 -> activation -> fc2, or SwiGLU with separate gate/up kernels."""
+  """Transformer MLP: fc1 -> activation -> fc2, or SwiGLU with separate gate/up kernels.
+  `dropout_rate` drops the hidden activations (torch nn.TransformerEncoderLayer's inner
+  dropout) unless `deterministic`."""
   hidden_dim: int
   activation: str = "gelu"
   out_features: int | None = None
   use_bias: bool = True
+  dropout_rate: float = 0.0
+  deterministic: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -378,6 +395,8 @@ class Mlp(nn.Module):
                          f"{', '.join(ACTIVATIONS)}")
       h = ACTIVATIONS[self.activation](fc(name="fc1")(x))
     h = constrain(h, ("act_batch", "act_len", "act_mlp"))
+    if self.dropout_rate > 0.0:
+      h = nn.Dropout(self.dropout_rate)(h, deterministic=self.deterministic)
     return dense(self.out_features or x.shape[-1], ("mlp", "embed"), dtype=self.dtype,
                  param_dtype=self.param_dtype, use_bias=self.use_bias, name="fc2")(h)
 
