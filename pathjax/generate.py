@@ -81,6 +81,8 @@ class Generator:
     self.max_length = max_length
     self.bucket = bucket
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("sampling",), donate_argnums=(3,))
+    self._prefill_prefix = jax.jit(self._prefill_prefix_fn, static_argnames=("sampling",),
+                                   donate_argnums=(3,))
     self._step = jax.jit(self._step_fn, static_argnames=("sampling",), donate_argnums=(1,))
     self._beam_step = jax.jit(self._beam_step_fn, static_argnames=("k",), donate_argnums=(1,))
     self._beam_first = jax.jit(self._beam_topk, static_argnums=2)
@@ -98,6 +100,27 @@ class Generator:
     logits = logits[:, -1]
     token = None if sampling is None else select_tokens(logits, key, sampling)
     return token, logits, cache, slots
+
+  def _prefill_prefix_fn(self, params, ids, mask, cache, key, sampling, prefix):
+    """Prefill of [prefix embeddings; left-padded prompt]: soft prompts (PathAlign's
+    Q-Former tokens) before the prompt's token embeddings."""
+    table = params["embed"]["embedding"]
+    embeds = jnp.concatenate([prefix.astype(table.dtype), jnp.take(table, ids, axis=0)], axis=1)
+    mask = jnp.concatenate([jnp.ones(prefix.shape[:2], bool), mask], axis=1)
+    slots = jnp.zeros((ids.shape[0], cache["k"].shape[3]), bool).at[:, :mask.shape[1]].set(mask)
+    positions = llm_lib.positions_from_mask(mask)
+    logits, cache = self.module.apply({"params": params}, inputs_embeds=embeds, attention_mask=slots,
+                                      positions=positions, cache=cache, cache_index=0, last_only=True)
+    logits = logits[:, -1]
+    token = None if sampling is None else select_tokens(logits, key, sampling)
+    return token, logits, cache, slots
+
+  def _prefill_any(self, ids, mask, cache, key, sampling, prefix):
+    if prefix is None:
+      return self._prefill(self.params, jnp.asarray(ids), jnp.asarray(mask), cache, key,
+                           sampling=sampling)
+    return self._prefill_prefix(self.params, jnp.asarray(ids), jnp.asarray(mask), cache, key,
+                                sampling=sampling, prefix=jnp.asarray(prefix))
 
   def _step_fn(self, params, cache, slots, token, position, index, key, sampling):
     slots = slots.at[:, index].set(True)
@@ -126,54 +149,60 @@ class Generator:
     return self.module.apply({"params": params}, ids, attention_mask=mask)[:, -1]
 
   # ------------------------------------------------------------------ host side
-  def _pad_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int):
+  def _pad_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, prefix_len: int = 0):
     if not prompts or any(len(p) == 0 for p in prompts):
       raise GenerateError("every prompt needs at least one token")
     if max_new_tokens < 1:
       raise GenerateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     longest = max(len(p) for p in prompts)
+    longest += prefix_len
     if self.max_length is not None and longest + max_new_tokens > self.max_length:
       raise GenerateError(
           f"the prompt has {longest} tokens; with max_new_tokens {max_new_tokens} that exceeds "
           f"the model's maximum length {self.max_length} (max_position_embeddings): shorten "
           "the prompt or lower max_new_tokens")
-    p_len = _round_up(longest, self.bucket)
+    p_len = _round_up(longest - prefix_len, self.bucket)
     ids = np.full((len(prompts), p_len), self.pad_id, np.int32)
     mask = np.zeros((len(prompts), p_len), bool)
     for i, p in enumerate(prompts):
       ids[i, p_len - len(p):] = p
       mask[i, p_len - len(p):] = True
-    cache_len = _round_up(p_len + max_new_tokens, self.bucket)
+    cache_len = _round_up(prefix_len + p_len + max_new_tokens, self.bucket)
     return ids, mask, cache_len
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                num_beams: int = 1, length_penalty: float = 1.0, use_cache: bool = True,
-               on_token: Callable[[np.ndarray], None] | None = None) -> list[list[int]]:
+               on_token: Callable[[np.ndarray], None] | None = None,
+               prefix: np.ndarray | None = None) -> list[list[int]]:
     """New tokens per prompt (a stop token included, nothing after it). `on_token` gets
-    each step's tokens [batch] as they come (streaming)."""
+    each step's tokens [batch] as they come (streaming). `prefix` [batch, P, hidden]:
+    input embeddings placed before each prompt (soft prompts; needs the KV cache)."""
+    if prefix is not None and not use_cache:
+      raise GenerateError("generation after prefix embeddings needs use_cache=True")
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
     sampling.check()
     if num_beams > 1:
       if sampling.temperature > 0:
         raise GenerateError("beam search here is deterministic: use temperature 0 with num_beams > 1")
       return self.beam_search(prompts, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                              length_penalty=length_penalty)
-    ids, mask, cache_len = self._pad_prompts(prompts, max_new_tokens)
+                              length_penalty=length_penalty, prefix=prefix)
+    plen = 0 if prefix is None else int(prefix.shape[1])
+    ids, mask, cache_len = self._pad_prompts(prompts, max_new_tokens, plen)
     batch = ids.shape[0]
     key = jax.random.key(seed)
     done = np.zeros(batch, bool)
     out: list[list[int]] = [[] for _ in range(batch)]
-    position = mask.sum(1).astype(np.int32)
+    position = mask.sum(1).astype(np.int32) + plen
     if use_cache:
       cache = llm_lib.init_cache(self.module, batch, cache_len)
-      token, _, cache, slots = self._prefill(self.params, jnp.asarray(ids), jnp.asarray(mask),
-                                             cache, jax.random.fold_in(key, 0), sampling=sampling)
+      token, _, cache, slots = self._prefill_any(ids, mask, cache, jax.random.fold_in(key, 0),
+                                                 sampling, prefix)
     else:
       seq, seq_mask = ids, mask
       logits = self._full(self.params, jnp.asarray(seq), jnp.asarray(seq_mask))
       token = select_tokens(logits, jax.random.fold_in(key, 0), sampling)
-    index = ids.shape[1]
+    index = ids.shape[1] + plen
     for t in range(max_new_tokens):
       tok = np.asarray(token)
       tok = np.where(done, self.pad_id, tok)
@@ -198,19 +227,22 @@ class Generator:
     return out
 
   def beam_search(self, prompts: Sequence[Sequence[int]], *, num_beams: int = 3,
-                  max_new_tokens: int = 32, length_penalty: float = 1.0) -> list[list[int]]:
+                  max_new_tokens: int = 32, length_penalty: float = 1.0,
+                  prefix: np.ndarray | None = None) -> list[list[int]]:
     """transformers' beam search (early_stopping=False): the top 2*num_beams continuations
     per step; those ending in a stop token (or at max_new_tokens) among the first num_beams
     become hypotheses scored sum(log p) / length**length_penalty; the rest continue."""
     n = num_beams
-    ids, mask, cache_len = self._pad_prompts(prompts, max_new_tokens)
+    plen = 0 if prefix is None else int(prefix.shape[1])
+    ids, mask, cache_len = self._pad_prompts(prompts, max_new_tokens, plen)
     batch = ids.shape[0]
     rows = batch * n
     k = max(2, 1 + len(self.eos_ids)) * n
     ids_r, mask_r = np.repeat(ids, n, 0), np.repeat(mask, n, 0)
     cache = llm_lib.init_cache(self.module, rows, cache_len)
-    _, logits, cache, slots = self._prefill(self.params, jnp.asarray(ids_r), jnp.asarray(mask_r),
-                                            cache, jax.random.key(0), sampling=None)
+    prefix_r = None if prefix is None else np.repeat(np.asarray(prefix), n, 0)
+    _, logits, cache, slots = self._prefill_any(ids_r, mask_r, cache, jax.random.key(0), None,
+                                                prefix_r)
     running_scores = np.zeros((batch, n), np.float32)
     running_scores[:, 1:] = NEG
     top, idx = self._beam_first(logits, jnp.asarray(running_scores), k)
@@ -221,8 +253,8 @@ class Generator:
     is_finished = np.zeros((batch, n), bool)
     unsatisfied = np.ones(batch, bool)
     top_mask = np.arange(k) < n
-    position = mask_r.sum(1).astype(np.int32)
-    index = ids.shape[1]
+    position = mask_r.sum(1).astype(np.int32) + plen
+    index = ids.shape[1] + plen
     for t in range(max_new_tokens):
       top, idx = np.asarray(top, np.float32), np.asarray(idx)
       beam, tok = idx // vocab, idx % vocab

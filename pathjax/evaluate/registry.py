@@ -57,6 +57,7 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
   c.seeds = 5
   c.seed = 0
   c.test_fraction = 0.3
+  c.labels = ""             # slide tasks: a slide -> class file (JSON, JSON lines or CSV)
   c.update(overrides)
   return c
 
@@ -96,6 +97,8 @@ def make_evaluator(eval_cfg, recipe, *, tokenizer=None, log: Callable[[str], Non
   if not set(task.needs) <= provided:
     raise ValueError(f"evals: task {kind!r} needs predict functions {sorted(task.needs)}, but "
                      f"recipe {recipe.config.recipe!r} provides {sorted(provided)}")
+  if task.make_inputs is not None:  # a task over the recipe's own data (slide tasks)
+    return _own_data_evaluator(eval_cfg, recipe, task, kind, log)
   spec = _get(eval_cfg, "data", "")
   if not spec:
     raise ValueError(f"evals: the {kind} entry needs `data` (a data spec such as slides:DIR, "
@@ -128,6 +131,25 @@ def make_evaluator(eval_cfg, recipe, *, tokenizer=None, log: Callable[[str], Non
         test_fraction=float(_get(eval_cfg, "test_fraction", 0.3)), seed=seed, progress=False, report=log)
     scalars = {k: v for k, v in result.scalars(f"{name}/").items() if np.isfinite(v)}
     return scalars
+
+  evaluator.every = int(_get(eval_cfg, "every", 1000) or 0)
+  evaluator.name = name
+  evaluator.kind = kind
+  return evaluator
+
+
+def _own_data_evaluator(eval_cfg, recipe, task, kind: str, log):
+  """Evaluator for a task with `make_inputs` (its data and embedder come from the recipe)."""
+  name = _get(eval_cfg, "name") or kind
+  log = log or (lambda s: logging.getLogger("pathjax.evaluate").info("%s: %s", name, s))
+  load, embedder = task.make_inputs(eval_cfg, recipe)
+  options = {k: _get(eval_cfg, k) for k in ("prompts", "k", "batch_size", "seed")}
+
+  def evaluator(params, step: int | None = None) -> dict[str, float]:
+    ds, train = load()
+    result = task.run(ds, embedder(params), train_dataset=train, progress=False, report=log,
+                      **{k: v for k, v in options.items() if v not in (None, "")})
+    return {k: v for k, v in result.scalars(f"{name}/").items() if np.isfinite(v)}
 
   evaluator.every = int(_get(eval_cfg, "every", 1000) or 0)
   evaluator.name = name

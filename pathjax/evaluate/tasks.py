@@ -31,15 +31,20 @@ class Task:
   run: Callable[..., TaskResult]
   needs: tuple[str, ...]
   per_magnification: bool = True  # a single `magnification` option selects the data first
+  # Tasks over a recipe's own data (slide tasks): make_inputs(eval_config, recipe) ->
+  # (load() -> (dataset, train_dataset), embedder(params) -> the task's embedder), used by
+  # pathjax.evaluate.registry instead of a data spec and the image/text embedder.
+  make_inputs: Callable | None = None
 
 
 _TASKS: dict[str, Task] = {}
 
 
-def register_task(name: str, *, needs: tuple[str, ...] = ("image",), per_magnification: bool = True):
+def register_task(name: str, *, needs: tuple[str, ...] = ("image",), per_magnification: bool = True,
+                  make_inputs: Callable | None = None):
   """Decorator: registers `run(dataset, embedder, **options)` as task `name`."""
   def decorate(run):
-    _TASKS[name] = Task(name, run, tuple(needs), per_magnification)
+    _TASKS[name] = Task(name, run, tuple(needs), per_magnification, make_inputs)
     return run
   return decorate
 
@@ -117,3 +122,6 @@ def _kshot(dataset, embedder, *, shots=(1, 2, 4, 8, 16), seeds=5, **options):
 @register_task("retrieval", needs=("image", "text"))
 def _retrieval(dataset, embedder, *, batch_size=64, progress=None, report=print, **unused):
   return retrieval.run(dataset, embedder, batch_size=batch_size, progress=progress, report=report)
+
+
+from pathjax.evaluate import slides as _slides  # noqa: E402,F401  (registers the slide tasks)

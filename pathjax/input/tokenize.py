@@ -324,6 +324,33 @@ def read_caption_texts(paths: Sequence[str], field: str = "caption") -> Iterable
           yield text
 
 
+WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
+
+
+def train_wordpiece_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 1000) -> str:
+  """Trains a small BERT-style (uncased WordPiece) tokenizer offline and saves it to `out_dir`.
+
+  Specials [PAD] [UNK] [CLS] [SEP] [MASK] and [DEC] (the Q-Former's decoder start token, as
+  `pathjax convert --bert` adds it: the bos token), so a PathAlign run can train without a
+  published BERT. Loads with `AutoTokenizer.from_pretrained(out_dir)`. Returns `out_dir`.
+  """
+  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+  tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+  tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tok.decoder = decoders.WordPiece()
+  trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(WORDPIECE_SPECIALS),
+                                      show_progress=False)
+  tok.train_from_iterator(texts, trainer=trainer)
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                 cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                 bos_token="[DEC]")
+  os.makedirs(out_dir, exist_ok=True)
+  fast.save_pretrained(out_dir)
+  return out_dir
+
+
 CAUSAL_SPECIALS = ("<pad>", "<s>", "</s>")
 
 

@@ -24,9 +24,11 @@ def register(parser):
   train.add_argument("--field", default="caption", help="JSON field holding the text")
   train.add_argument("--context-length", type=int, default=77)
   train.add_argument("--min-frequency", type=int, default=2)
-  train.add_argument("--kind", choices=["clip", "causal"], default="clip",
+  train.add_argument("--kind", choices=["clip", "causal", "wordpiece"], default="clip",
                      help="clip: lowercased CLIP-style ids for text towers; causal: a GPT-2-style "
-                     "byte-level BPE for decoder LLMs (case kept, <s> prepended, </s> to stop)")
+                     "byte-level BPE for decoder LLMs (case kept, <s> prepended, </s> to stop); "
+                     "wordpiece: BERT-style with [CLS] [SEP] [PAD] [DEC] for the PathAlign "
+                     "Q-Former (e.g. --field report)")
 
 
 def _count_lines(paths, field):
@@ -60,6 +62,17 @@ def main(args) -> int:
     print(f"pathjax tokenizer: no line with a non-empty {args.field!r} field in {paths}",
           file=sys.stderr)
     return 2
+  if args.kind == "wordpiece":
+    try:
+      tokenize.train_wordpiece_tokenizer(tokenize.read_caption_texts(paths, args.field), args.out,
+                                         args.vocab_size)
+    except OSError as e:
+      print(f"pathjax tokenizer: cannot write {e.filename or args.out}: {e.strerror or e}; choose "
+            "an --out you can write to", file=sys.stderr)
+      return 2
+    print(f"trained a WordPiece tokenizer on {good} texts from {len(paths)} file(s) ({bad} lines "
+          f"skipped) -> {args.out}")
+    return 0
   minimum = tokenize.min_vocab_size() if args.kind == "clip" else tokenize.min_causal_vocab_size()
   if args.vocab_size < minimum:
     what = "their end-of-word forms and " if args.kind == "clip" else ""
