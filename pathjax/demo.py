@@ -22,6 +22,9 @@ import numpy as np
 from pathjax import config_lib
 
 SMOKE = "configs/mrplip.py:smoke"
+# The PathAlign part (pathjax/demo_pathalign.py): 40 small slides embedded at 10x.
+PATHALIGN_DEFAULTS = dict(train_slides=28, heldout_slides=12, slide_size=2048, magnification=10,
+                          stage1_steps=120, llm_steps=150, stage2_steps=60)
 
 
 def _step(title: str) -> float:
@@ -45,7 +48,9 @@ def _read_metrics(workdir: str) -> list[dict]:
 
 
 def run(out: str, *, train_slides: int, heldout_slides: int, steps: int, patch_size: int,
-        slide_size: int, workers: int, real_slide: bool) -> dict:
+        slide_size: int, workers: int, real_slide: bool, pathalign: dict | None = None) -> dict:
+  """MR-PLIP end to end; then, with `pathalign` (keyword arguments of
+  pathjax.demo_pathalign.run), PathAlign on slide embeddings from the MR-PLIP vision tower."""
   from pathjax import train as train_lib
   from pathjax.evaluate import data, features, tasks
   from pathjax.input import tile as tile_lib
@@ -137,7 +142,15 @@ def run(out: str, *, train_slides: int, heldout_slides: int, steps: int, patch_s
     results["real_slide"] = _real_slide(out, model_dir, patch_size, workers)
     _done(t0)
 
+  if pathalign is not None:
+    from pathjax import demo_pathalign
+    results["pathalign"] = demo_pathalign.run(out, vision_model=model_dir, patch_size=patch_size,
+                                              **pathalign)
+
   _print_summary(results)
+  if "pathalign" in results:
+    from pathjax import demo_pathalign
+    demo_pathalign.print_summary(results["pathalign"])
   with open(os.path.join(out, "demo_results.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)
   return results
@@ -270,11 +283,15 @@ def main(argv=None) -> int:
   parser.add_argument("--slide-size", type=int, default=4096)
   parser.add_argument("--workers", type=int, default=2)
   parser.add_argument("--no-real-slide", action="store_true")
+  parser.add_argument("--no-pathalign", action="store_true", help="MR-PLIP only")
   args = parser.parse_args(argv)
+  from pathjax.cli import keep_off_absent_tpu
+  keep_off_absent_tpu()  # no libtpu start-up noise on machines without a TPU
   t0 = time.perf_counter()
   run(args.out, train_slides=args.train_slides, heldout_slides=args.heldout_slides,
       steps=args.steps, patch_size=args.patch_size, slide_size=args.slide_size,
-      workers=args.workers, real_slide=not args.no_real_slide)
+      workers=args.workers, real_slide=not args.no_real_slide,
+      pathalign=None if args.no_pathalign else PATHALIGN_DEFAULTS)
   print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; outputs in {args.out}/")
   return 0
 
