@@ -18,7 +18,7 @@ from pathjax.models import lora as lora_lib
 from pathjax.models import model_dir
 from pathjax.recipes import causal_lm
 from pathjax.train import Evaluator, train
-from train_helpers import ROOT, Crash, comparable, crash_at
+from train_helpers import ROOT, assert_crash_resumes_exactly
 
 CONFIG = os.path.join(ROOT, "configs", "causal_lm.py")
 SENTENCES = ["The slide shows invasive ductal carcinoma with necrosis.",
@@ -166,14 +166,7 @@ def test_lora_finetune_trains_adapters_only_and_base_stays_bit_identical(corpus,
 def test_crash_then_rerun_matches_uninterrupted_run(corpus, tmp_path):
   config = _config(corpus, total_steps=6, checkpoint_every=2, keep_checkpoints=2,
                    export_model=False)
-  train(config, tmp_path / "straight")
-  with pytest.raises(Crash):
-    train(config, tmp_path / "crashed", evaluators=[crash_at(5)])
-  assert max(comparable(tmp_path / "crashed")) == 4
-  train(config, tmp_path / "crashed")
-  straight, resumed = comparable(tmp_path / "straight"), comparable(tmp_path / "crashed")
-  assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5, 6]
-  assert resumed == straight
+  assert_crash_resumes_exactly(config, tmp_path)
 
 
 def test_tokenizer_cli_trains_a_causal_tokenizer(corpus, tmp_path, capsys):

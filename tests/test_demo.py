@@ -8,7 +8,7 @@ from pathjax import demo
 
 @pytest.mark.slow
 def test_demo_zero_shot_beats_twice_chance(tmp_path):
-  results = demo.run(str(tmp_path), train_slides=4, heldout_slides=1, steps=120, patch_size=32,
+  results = demo.run(str(tmp_path), train_slides=4, heldout_slides=1, steps=200, patch_size=32,
                      slide_size=2048, workers=1, real_slide=False)
   assert results["loss_last"] < results["loss_first"]
   table = results["zeroshot"]

@@ -12,7 +12,7 @@ import pytest
 import pathalign_helpers as H
 from pathjax.config_lib import ConfigError
 from pathjax.recipes.base import make_recipe
-from train_helpers import Crash, comparable, crash_at
+from train_helpers import assert_crash_resumes_exactly
 
 
 @pytest.fixture(scope="module")
@@ -188,33 +188,17 @@ def test_learns_retrieval_and_zero_shot_above_chance(tmp_path):
 
 @pytest.mark.slow
 def test_killed_stage1_run_resumes_exactly(data, tmp_path):
-  from pathjax.train import train
   config = H.smoke_config(data, total_steps=6, checkpoint_every=2, keep_checkpoints=2)
-  train(config, tmp_path / "straight")
-  with pytest.raises(Crash):
-    train(config, tmp_path / "crashed", evaluators=[crash_at(5)])
-  assert max(comparable(tmp_path / "crashed")) == 4
-  train(config, tmp_path / "crashed")
-  straight, resumed = comparable(tmp_path / "straight"), comparable(tmp_path / "crashed")
-  assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5, 6]
-  assert resumed == straight
+  assert_crash_resumes_exactly(config, tmp_path)
 
 
 @pytest.mark.slow
 def test_killed_stage2_run_resumes_exactly(data, tmp_path):
   """The frozen LLM is reloaded (not restored) on the rerun; the rest comes from the checkpoint."""
-  from pathjax.train import train
   llm = H.tiny_llm_dir(str(tmp_path / "llm"))
   config = H.smoke_config(data, "smoke,stage2", total_steps=6, checkpoint_every=2,
                           keep_checkpoints=2, **{"model.llm_dir": llm})
-  train(config, tmp_path / "straight")
-  with pytest.raises(Crash):
-    train(config, tmp_path / "crashed", evaluators=[crash_at(5)])
-  assert max(comparable(tmp_path / "crashed")) == 4
-  train(config, tmp_path / "crashed")
-  straight, resumed = comparable(tmp_path / "straight"), comparable(tmp_path / "crashed")
-  assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5, 6]
-  assert resumed == straight
+  assert_crash_resumes_exactly(config, tmp_path)
 
 
 @pytest.mark.slow

@@ -50,3 +50,19 @@ def use_compilation_cache():
 
 
 use_compilation_cache()
+
+
+def assert_crash_resumes_exactly(config, root, crash_step: int = 5):
+  """Trains `config` straight, and again crashed after `crash_step` then rerun in the same
+  workdir; the rerun's logged metrics (timing aside) equal the uninterrupted run's."""
+  import pytest
+  from pathjax.train import train
+  total = int(config.total_steps)
+  train(config, root / "straight")
+  with pytest.raises(Crash):
+    train(config, root / "crashed", evaluators=[crash_at(crash_step)])
+  assert max(comparable(root / "crashed")) == crash_step - 1
+  train(config, root / "crashed")
+  straight, resumed = comparable(root / "straight"), comparable(root / "crashed")
+  assert sorted(resumed) == sorted(straight) == list(range(1, total + 1))
+  assert resumed == straight
