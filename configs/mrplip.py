@@ -156,7 +156,9 @@ def get_config(arg=None):
 #   pathjax compile --config=configs/mrplip.py:vitl16,v5e_256 --topology v5e:16x16
 #   pathjax compile --config=configs/mrplip.py:vitl16,v4_128 --topology v4:4x4x4
 #
-# Compiled (libtpu 0.0.42.1, jax 0.10.2, flax 0.12.8; `pathjax compile`, per chip):
+# Compiled (libtpu 0.0.42.1, jax 0.10.2, flax 0.12.8; `pathjax compile`, per chip), before
+# on-device augmentation, the splash attention kernel and the whole-bag keyword context: not
+# re-measured at this commit (the compile did not finish on the shared build machine).
 #
 # | plan    | topology            | global / per-chip bags | memory per chip          | model TFLOP/step/chip | at 50% MFU            |
 # |---------|---------------------|------------------------|--------------------------|-----------------------|-----------------------|
