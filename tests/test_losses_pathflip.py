@@ -109,7 +109,21 @@ def test_pick_negative_subcaptions():
 
 def test_eight_devices_equal_one():
   """The losses (values and gradients) under jit with the batch sharded over 8 devices
-  equal the single-device values."""
+  equal the single-device values. Run in a fresh process: an XLA abort once took down a test
+  worker here (after other tests had run in it), and a subprocess reports it as a failure."""
+  import os
+  import subprocess
+  import sys
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=os.path.dirname(here))
+  proc = subprocess.run([sys.executable, "-c", "import test_losses_pathflip as t; "
+                         "t._eight_devices_equal_one()"], cwd=here, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _eight_devices_equal_one():
   assert len(jax.devices()) >= 8
   v_own, t_own, v_neg, t_neg, img, txt = _data(b=16, seed=1)
   own_mask = np.ones((16, 3), bool)
