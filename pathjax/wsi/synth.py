@@ -94,6 +94,7 @@ class SyntheticSet(NamedTuple):
   slide_paths: list[str]
   captions_path: str
   reports_path: str | None = None
+  truth_path: str | None = None  # per-slide class maps and fractions (`read_truth`)
 
 
 @dataclasses.dataclass
@@ -561,4 +562,38 @@ def write_synthetic_slides(out_dir: str, n: int, *, seed: int = 0, size: int = 4
     from pathjax.input.reports import write_reports
     reports_path = os.path.join(out_dir, reports_name)
     write_reports(reports_path, slide_reports(drawn, seed=seed, parts_per_case=report_parts))
-  return SyntheticSet(paths, captions_path, reports_path)
+  truth_path = write_truth(os.path.join(out_dir, TRUTH_NAME), drawn)
+  return SyntheticSet(paths, captions_path, reports_path, truth_path)
+
+
+# ---------------------------------------------------------------------------------------
+# Ground truth: what localization and instruction data are scored against
+
+TRUTH_NAME = "truth.npz"
+
+
+class SlideTruth(NamedTuple):
+  class_map: np.ndarray           # (ceil(h/scale), ceil(w/scale)) int8 indices into classes, -1 glass
+  fractions: dict[str, float]     # tissue share of each class (sums to 1)
+  scale: int                      # level-0 pixels per class-map cell
+
+
+def write_truth(path: str, slides: Sequence[SynthSlide],
+                classes: Sequence[str] = TISSUE_CLASSES) -> str:
+  """Writes every slide's class map (the lesion masks of localization) into one .npz, atomically."""
+  arrays = {f"map/{s.slide_id}": s.class_map for s in slides}
+  arrays["classes"] = np.asarray(list(classes))
+  arrays["label_scale"] = np.asarray(LABEL_SCALE)
+  tmp = f"{path}.tmp-{os.getpid()}.npz"
+  np.savez_compressed(tmp, **arrays)
+  os.replace(tmp, path)
+  return path
+
+
+def read_truth(path: str) -> dict[str, SlideTruth]:
+  """{slide id: SlideTruth} from a `write_truth` file (`truth.npz` next to synthetic slides)."""
+  with np.load(path) as z:
+    classes = [str(c) for c in z["classes"]]
+    scale = int(z["label_scale"])
+    return {k[len("map/"):]: SlideTruth(z[k], class_fractions(z[k], classes), scale)
+            for k in z.files if k.startswith("map/")}

@@ -1,5 +1,6 @@
 """`pathjax synth-slides --out DIR --n N`: synthetic pyramidal slides, labels, captions and
-one report per slide (reports.jsonl; --report-parts K groups K slides into multi-part cases)."""
+one report per slide (reports.jsonl; --report-parts K groups K slides into multi-part cases),
+and the ground truth (truth.npz: every slide's class map, the masks localization is scored on)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def main(args) -> int:
         f"{', '.join(synth.TISSUE_CLASSES)}) and {n_captions} captions to {result.captions_path} "
         f"in {time.perf_counter() - t0:.1f}s")
   print(f"reports: {result.reports_path}")
+  print(f"class maps: {result.truth_path}")
   for p in result.slide_paths:
     print(p)
   return 0
