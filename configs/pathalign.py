@@ -89,7 +89,8 @@ def get_config(arg=None):
   ))
   config.loss = ml_collections.ConfigDict(dict(
       w_itc=1.0, w_itm=0.0 if size == "retrieval" else 1.0,
-      w_itg=0.0 if size == "retrieval" else 1.0, label_smoothing=0.1))
+      w_itg=0.0 if size == "retrieval" else 1.0, label_smoothing=0.1,
+      itm_negatives="random" if size == "smoke" else "hard"))  # hard: BLIP-2's ITC-weighted draw
 
   opt = config.optimizer
   opt.wd_exclude = (r".*bias", r".*scale", r".*norm.*", r".*embedding", r".*query_tokens",

@@ -321,6 +321,8 @@ class PathAlignRecipe:
     self.stage = int(m.stage)
     if self.stage not in (1, 2):
       raise ConfigError(f"model.stage={m.stage}; valid: 1 (Q-Former pretraining), 2 (frozen LLM)")
+    if config.loss.get("itm_negatives", "hard") not in ("hard", "random"):
+      raise ConfigError(f"loss.itm_negatives={config.loss.itm_negatives!r}; valid: hard, random")
     self.compute_dtype = _dtype(config.precision.compute_dtype)
     self.param_dtype = _dtype(config.precision.param_dtype)
     qf = dict(m.qformer.to_dict())
@@ -480,8 +482,11 @@ class PathAlignRecipe:
     metrics = dict(metrics, itc=l_itc, temperature=temp)
     total = cfg.w_itc * l_itc
     if cfg.w_itm:
-      neg = losses_blip.itm_negatives(sim / temp, jax.random.fold_in(rng, 10_001),
-                                      positive_mask=same)
+      # 'random': uniform over the admissible slides. Hard negatives (softmax of ITC, as
+      # BLIP-2) are slides whose reports differ from the positive by a word or two; a small
+      # model trained from scratch first needs easy pairs, or it learns the prior p = 1/3.
+      scores = jnp.zeros_like(sim) if cfg.get("itm_negatives", "hard") == "random" else sim / temp
+      neg = losses_blip.itm_negatives(scores, jax.random.fold_in(rng, 10_001), positive_mask=same)
       j = neg.image_for_text
       # Negative images: gather their raw features and encode again (see qformer.py).
       kv_neg = q("encode_patches", feats[j], coords[j], pmask[j])
