@@ -57,8 +57,8 @@ def test_beam_cli_matches_local_pool_and_trains(tiny_slides, tmp_path, capsys):
 
   def batches(records_dir):
     cfg = pipeline.default_input_config()
-    cfg.records_dir, cfg.tokenizer, cfg.global_batch_size, cfg.context_length = records_dir, tok, 4, 16
-    it = pipeline.make_train_iterator(cfg, process_index=0, process_count=1, seed=1)
+    cfg.records_dir, cfg.tokenizer, cfg.context_length = records_dir, tok, 16
+    it = pipeline.make_train_iterator(cfg, batch_size=4, process_index=0, process_count=1, seed=1)
     return [next(it) for _ in range(2)]
 
   for x, y in zip(batches(local), batches(beam)):
