@@ -114,7 +114,11 @@ class SlideReportModel:
              else f"{len(emb)} slides are embedded, e.g. {', '.join(emb.slide_ids[:3])}")
       raise GenerateError(f"slide {slide_id!r} is not in {os.path.join(emb.directory, 'manifest.json')}"
                           f": {why}; pass a slide id from it, or --embeddings DIR holding that slide")
-    sf = emb[slide_id]
+    from pathjax.embed_slides import EmbedSlidesError
+    try:
+      sf = emb[slide_id]
+    except EmbedSlidesError as e:   # a slide file from another encoder than the manifest's
+      raise GenerateError(f"--embeddings: {e}") from None
     n = len(sf.features)
     m = min(n, self.max_patches) if self.max_patches else n
     arrays = slide_arrays(sf.features, sf.grid, max(m, 1), np.random.default_rng(0), np.float32)

@@ -72,6 +72,10 @@ def test_bad_inputs_exit_2_naming_the_file_and_the_fix(stage2, tmp_path, capsys)
          "pass a slide id")
   _fails(["--model", model, "--slide", "slide-002", "--embeddings", str(tmp_path / "none")],
          capsys, str(tmp_path / "none"), "embed-slides")
+  other = H.write_embeddings(str(tmp_path / "emb16"), {"slide-002": (np.zeros((3, 16)),
+                                                                      np.zeros((3, 2)))}, dim=16)
+  _fails(["--model", model, "--slide", "slide-002", "--embeddings", other], capsys, other,
+         "expected dimension 32")
   # an LLM directory, a stage-1 export and a directory that is no model at all
   _fails(["--model", stage2["llm"], "--slide", "slide-002"], capsys,
          os.path.join(stage2["llm"], "model.json"), "not a PathAlign model", "stage2")
