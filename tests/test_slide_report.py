@@ -103,3 +103,22 @@ def test_bad_inputs_exit_2_naming_the_file_and_the_fix(stage2, tmp_path, capsys)
     json.dump(edited, open(d / "model.json", "w"))
     _fails(["--model", str(d), "--slide", "slide-002"], capsys, str(d / "model.json"), *needles)
   _fails(["--model", model, "--slide", "slide-002", "--temperature", "0.5"], capsys, "--num-beams")
+
+
+def test_training_config_from_the_workdir_when_model_json_has_none(stage2, tmp_path, capsys):
+  """Older exports record no config in model.json: WORKDIR/config.json beside WORKDIR/model."""
+  from pathjax.slide_report import SlideReportModel
+  model = stage2["model"]
+  d = tmp_path / "wd" / "model"
+  d.mkdir(parents=True)
+  for name in os.listdir(model):
+    if name != "model.json":
+      os.symlink(os.path.join(model, name), d / name)
+  meta = json.load(open(os.path.join(model, "model.json")))
+  recorded = meta["pathalign"].pop("config")
+  json.dump(meta, open(d / "model.json", "w"))
+  _fails(["--model", str(d), "--slide", "slide-002"], capsys, "records no training config",
+         str(tmp_path / "wd" / "config.json"))
+  json.dump(recorded, open(tmp_path / "wd" / "config.json", "w"))
+  loaded = SlideReportModel(str(d))
+  assert loaded.recipe.stage == 2 and loaded.embeddings_dir == stage2["data"]["embeddings"]
