@@ -91,7 +91,6 @@ def get_config(arg=None):
   config.model = _model(size)
   config.loss = _loss()
   config.input = default_input_config()
-  config.input.global_batch_size = config.get_ref("batch_size")
   # The whole bag's distinct keywords (bags with more are subsampled at random; the paper's
   # 85-patch bags of Quilt-LLaVA captions): at keyword_context=16 tokens, 64 keywords cost
   # about what 12 keywords at 77 tokens did.

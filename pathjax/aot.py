@@ -367,12 +367,10 @@ def _per_chip_key(line: str) -> float:
 
 
 def with_batch(config, global_batch: int):
-  """A copy of `config` with `batch_size` (and the input's global batch) set."""
+  """A copy of `config` with `batch_size` (the global batch) set."""
   new = config.copy_and_resolve_references()
   with new.unlocked():
     new.batch_size = int(global_batch)
-    if "input" in new and "global_batch_size" in new.input:
-      new.input.global_batch_size = int(global_batch)
   return new
 
 

@@ -39,7 +39,7 @@ COMMANDS = {
     "eval": ("pathjax.evaluate.cli", "evaluate a model: zero-shot, cross-magnification, probes, retrieval"),
     "compile": ("pathjax.compile_cli", "AOT-compile a config's train step for a TPU topology"),
     "bench": ("pathjax.bench.cli", "benchmarks that print measured figures"),
-    "generate": ("pathjax.generate", "generate text with a decoder LLM model directory"),
+    "generate": ("pathjax.generate", "generate text with a decoder LLM model directory, or a slide's report (PathAlign stage 2)"),
 }
 
 

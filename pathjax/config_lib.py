@@ -20,6 +20,33 @@ class ConfigError(ValueError):
   """A config file, variant or override that cannot be used as written."""
 
 
+# Fields that were removed or renamed: old dotted path -> what to set instead.
+RENAMED = {
+    "input.global_batch_size": "batch_size (the global batch over all hosts, the one "
+                               "batch-size field: --config.batch_size=N)",
+}
+
+
+def check_renamed(config, prefix: str = "") -> None:
+  """ConfigError naming the new field when `config` (at dotted `prefix`) sets a renamed one."""
+  for old, new in RENAMED.items():
+    head, _, leaf = old.rpartition(".")
+    if head != prefix:
+      continue
+    if isinstance(config, (ml_collections.ConfigDict, dict)) and leaf in config:
+      raise ConfigError(f"config field {old} was removed; set {new}")
+
+
+def _check_renamed_tree(config: ml_collections.ConfigDict) -> None:
+  for old in RENAMED:
+    head = old.rpartition(".")[0]
+    node = config
+    for part in head.split(".") if head else ():
+      node = node.get(part) if isinstance(node, (ml_collections.ConfigDict, dict)) else None
+    if node is not None:
+      check_renamed(node, head)
+
+
 def pick_variant(arg: str | None, variants: Mapping[str, Any], default: str) -> str:
   """Returns the variant name for `arg`, or raises listing the valid ones."""
   name = arg or default
@@ -43,6 +70,10 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   config = module.get_config(arg or None)
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
+  try:
+    _check_renamed_tree(config)
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}") from None
   return config
 
 
@@ -91,6 +122,8 @@ def apply_overrides(config: ml_collections.ConfigDict,
     key, sep, text = item.partition("=")
     if not sep:
       raise ConfigError(f"override {item!r} must look like --config.a.b=value")
+    if key in RENAMED:
+      raise ConfigError(f"--config.{key} was removed; set {RENAMED[key]}")
     node = config
     parts = key.split(".")
     for depth, part in enumerate(parts):

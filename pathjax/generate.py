@@ -6,6 +6,7 @@ algorithm, so equal settings give equal output); prompts of different lengths ar
 padded; generation stops at a stop token or after `max_new_tokens`.
 
   pathjax generate --model models/qwen3 --prompt "Describe the slide." --chat
+  pathjax generate --model runs/s2/model --slide SLIDE_ID     (PathAlign stage 2: a report)
 
 Library use: `Generator(module, params, eos_ids=[...]).generate([[ids...], ...])`; the
 cache's arrays carry logical axes (cache_batch, cache_heads, cache_len, cache_kv), so under
@@ -327,8 +328,15 @@ def encode_prompt(tokenizer, prompt: str, *, chat: bool) -> list[int]:
 # ---------------------------------------------------------------------- CLI
 def register(parser) -> None:
   parser.add_argument("--model", required=True, metavar="DIR",
-                      help="a model directory from `pathjax convert --llm`")
-  parser.add_argument("--prompt", required=True)
+                      help="a model directory from `pathjax convert --llm`, or (with --slide) a "
+                      "stage-2 PathAlign model directory")
+  what = parser.add_mutually_exclusive_group(required=True)
+  what.add_argument("--prompt", help="text to continue (an LLM model directory)")
+  what.add_argument("--slide", metavar="ID", help="write the report for this slide (a stage-2 "
+                    "PathAlign model directory; pathjax.slide_report)")
+  parser.add_argument("--embeddings", metavar="DIR", help="with --slide: the `pathjax "
+                      "embed-slides` directory holding the slide (default: the training "
+                      "config's data.embeddings)")
   parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's "
                       "chat template (a user turn and the assistant prefix)")
   parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -341,9 +349,24 @@ def register(parser) -> None:
                       help="compute dtype")
 
 
+def _slide_report(args) -> None:
+  from pathjax.slide_report import SlideReportModel
+  if args.temperature or args.top_k or args.top_p < 1.0 or args.chat:
+    raise GenerateError("--slide generates greedily or with --num-beams; drop --temperature, "
+                        "--top-k, --top-p and --chat")
+  model = SlideReportModel(args.model, embeddings=args.embeddings)
+  print(model.report(args.slide, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams))
+
+
 def main(args) -> int:
   from pathjax.models.model_dir import ModelDirError
+  if args.embeddings and not args.slide:
+    print("pathjax generate: error: --embeddings goes with --slide", file=sys.stderr)
+    return 2
   try:
+    if args.slide:
+      _slide_report(args)
+      return 0
     generator, tokenizer = load_generator(args.model, dtype=jnp.dtype(args.dtype))
     if tokenizer is None:
       raise GenerateError(f"{args.model} stores no tokenizer; convert from a Hugging Face "

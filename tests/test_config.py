@@ -31,7 +31,7 @@ def test_overrides_are_typed():
       "batch_size=16", "optimizer.lr=3e-4", "loss.contrastive=sigmoid", "model.scan=false",
       "input.levels=(0, 2)", "optimizer.lr_multipliers=(('vision_tower/.*', 0.5),)"])
   assert config.batch_size == 16 and isinstance(config.batch_size, int)
-  assert config.input.global_batch_size == 16  # linked to batch_size
+  assert "global_batch_size" not in config.input  # batch_size is the one batch-size field
   assert config.optimizer.lr == pytest.approx(3e-4)
   assert config.loss.contrastive == "sigmoid"
   assert config.model.scan is False
@@ -67,3 +67,22 @@ def test_cli_rejects_typo_before_running(tmp_path):
   assert proc.returncode == 2
   assert "optimizer has no field 'lrr'" in proc.stderr
   assert not (tmp_path / "w").exists()
+
+
+def test_the_removed_global_batch_field_names_batch_size(tmp_path):
+  """`input.global_batch_size` is gone: setting it (override, config file, or an input
+  config handed to the pipeline) is a ConfigError that names `batch_size`."""
+  from pathjax.input import pipeline
+  with pytest.raises(ConfigError, match=r"input\.global_batch_size was removed; set batch_size"):
+    config_lib.load_config(f"{MRPLIP}:smoke", ["input.global_batch_size=8"])
+  old = tmp_path / "old.py"
+  old.write_text("import ml_collections\n"
+                 "def get_config(arg=None):\n"
+                 "  return ml_collections.ConfigDict(\n"
+                 "      {'batch_size': 8, 'input': {'global_batch_size': 8}})\n")
+  with pytest.raises(ConfigError, match=rf"{old}: .*set batch_size"):
+    config_lib.load_config(str(old))
+  cfg = pipeline.default_input_config()
+  cfg.global_batch_size = 8
+  with pytest.raises(ConfigError, match="set batch_size"):
+    pipeline.make_train_iterator(cfg, batch_size=8, process_index=0, process_count=1)

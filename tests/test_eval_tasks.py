@@ -329,3 +329,43 @@ def test_embed_data_exports_a_whole_dataset(model_dir, patch_sets, tmp_path):
   code = cli.main(["embed", "--model", model_dir, "--data", patch_sets["csv"],
                    "--out", str(tmp_path / "feats.parquet"), "--no-progress", "--workers", "1"])
   assert code == 0 and (tmp_path / "feats.parquet").exists()
+
+
+def test_slide_zeroshot_of_a_patch_model_through_the_cli(model_dir, synth_dir, patch_sets, tmp_path,
+                                                         capsys):
+  """`pathjax eval --task slide_zeroshot --data slides:DIR --labels FILE` with a CLIP-like
+  patch model: MI-Zero's top-k pooling of each slide's patch scores (pathjax.evaluate.slides)."""
+  from pathjax.evaluate import features as features_lib
+  from pathjax.evaluate.slides import topk_pool
+  spec = f"slides:{synth_dir}?patch_size={PATCH}"
+  ds = data_lib.load_dataset(spec)
+  slide_ids = sorted(set(ds.slides))
+  labels = {s: ("tumor", "stroma")[i % 2] for i, s in enumerate(slide_ids)}
+  (tmp_path / "labels.json").write_text(json.dumps(labels))
+  out = str(tmp_path / "out")
+  assert run_eval(["--model", model_dir, "--task", "slide_zeroshot", "--data", spec, "--labels",
+                   str(tmp_path / "labels.json"), "--prompts", "synth", "--topk", "1,4,1000",
+                   "--out", out]) == 0
+  m = _metrics(out)["metrics"]
+  assert m["topk"] == 4 and m["num_slides"] == len(slide_ids) and m["num_patches"] == len(ds)
+  assert {"top1", "top4", "top1000"} <= set(m) and m["auc"] == m["top4"]["auc"]
+  with open(os.path.join(out, "predictions.csv")) as f:
+    rows = list(csv.DictReader(f))
+  # The same scores from the model directory's embedder, pooled here.
+  embedder = features_lib.Embedder.from_model_dir(model_dir)
+  p = prompts_lib.load_prompts("synth")
+  classifier = prompts_lib.build_classifier(p, embedder.text)
+  feats = features_lib.extract_features(ds, embedder, batch_size=16, progress=False, report=None)
+  slide_of = np.array([ds.slides[i] for i in feats.indices])
+  for row in rows:
+    want = topk_pool(feats.embeddings[slide_of == row["slide"]] @ classifier.T, (4,))[4]
+    np.testing.assert_allclose([float(row[f"score_{c}"]) for c in p.classes], want, atol=1e-5)
+  capsys.readouterr()
+  # Without labels, or with patches that do not say their slide: exit 2, what to do.
+  assert run_eval(["--model", model_dir, "--task", "slide_zeroshot", "--data", spec,
+                   "--out", str(tmp_path / "o2")]) == 2
+  assert "slide labels" in capsys.readouterr().err
+  assert run_eval(["--model", model_dir, "--task", "slide_zeroshot", "--data",
+                   f"imagefolder:{patch_sets['folder']}", "--labels", str(tmp_path / "labels.json"),
+                   "--out", str(tmp_path / "o3")]) == 2
+  assert "records:DIR[@MAG] or slides:DIR" in capsys.readouterr().err

@@ -11,8 +11,7 @@ import pytest
 
 from mrplip_helpers import TINY
 from pathjax import config_lib
-from pathjax.train import train
-from train_helpers import ROOT, Crash, comparable, crash_at
+from train_helpers import ROOT, assert_crash_resumes_exactly
 
 CONFIG = os.path.join(ROOT, "configs", "mrplip.py") + ":smoke"
 
@@ -30,12 +29,4 @@ def test_crash_then_rerun_matches_uninterrupted_run(tiny_training_data, tmp_path
   records, tokenizer = tiny_training_data
   config = _config(records, tokenizer)
   assert config.input.augment.enabled and config.input.augment.on_device
-  train(config, tmp_path / "straight")
-
-  with pytest.raises(Crash):
-    train(config, tmp_path / "crashed", evaluators=[crash_at(5)])
-  assert max(comparable(tmp_path / "crashed")) == 4
-  train(config, tmp_path / "crashed")  # the same command again: resumes from step 4
-  straight, resumed = comparable(tmp_path / "straight"), comparable(tmp_path / "crashed")
-  assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5, 6]
-  assert resumed == straight
+  assert_crash_resumes_exactly(config, tmp_path, crash_step=5)  # resumes from step 4

@@ -155,3 +155,17 @@ def test_open_clip_naming_maps_to_the_same_params():
     clip_model.convert_clip({**oc_sd, "visual.extra": np.zeros(3, np.float32)},
                             vision_fields=dict(heads, mlp_activation="quick_gelu"),
                             text_fields=dict(num_heads=4))
+
+
+def test_missing_and_stray_vision_tensors_are_named_in_both_formats():
+  sd = {k: v.numpy() for k, v in _reference(_config()).state_dict().items()}
+  fields = dict(vision_fields=dict(num_heads=3, mlp_activation="quick_gelu"),
+                text_fields=dict(num_heads=4))
+  for full, missing, stray in (
+      (sd, "vision_model.encoder.layers.1.mlp.fc1.bias", "vision_model.extra"),
+      (_open_clip_names(sd), "visual.transformer.resblocks.1.ln_2.weight", "visual.extra")):
+    broken = {k: v for k, v in full.items() if k != missing}
+    broken[stray] = np.zeros(3, np.float32)
+    with pytest.raises(clip_model.WeightsError) as e:
+      clip_model.convert_clip(broken, **fields)
+    assert missing in str(e.value) and stray in str(e.value)

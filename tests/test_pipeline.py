@@ -7,6 +7,7 @@ from pathjax.bench.input import write_synthetic_records, write_synthetic_tokeniz
 from pathjax.input import pipeline, records, sampling, schema
 
 NUM_BAGS = 12
+BATCH = 4  # the global batch (config.batch_size)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,6 @@ def config(data, **kw):
   cfg = pipeline.default_input_config()
   cfg.records_dir = rec
   cfg.tokenizer = tok
-  cfg.global_batch_size = 4
   cfg.context_length = 16
   cfg.max_keywords = 6
   cfg.class_names = ("tumor", "stroma", "lymphocytes", "normal")
@@ -47,7 +47,7 @@ def assert_batches_equal(a, b):
 
 
 def test_batch_layout(data):
-  b = next(pipeline.make_train_iterator(config(data), process_index=0, process_count=1))
+  b = next(pipeline.make_train_iterator(config(data), batch_size=BATCH, process_index=0, process_count=1))
   assert b["images"].shape == (4, 3, 32, 32, 3) and b["images"].dtype == np.uint8
   assert b["magnification"].dtype == np.float32 and b["magnification"].shape == (4, 3)
   np.testing.assert_array_equal(b["magnification"], np.tile([5.0, 10.0, 20.0], (4, 1)))
@@ -62,9 +62,9 @@ def test_batch_layout(data):
 
 def test_determinism(data):
   cfg = config(data)
-  a = take(pipeline.make_train_iterator(cfg, process_index=0, process_count=1, seed=3), 4)
-  b = take(pipeline.make_train_iterator(cfg, process_index=0, process_count=1, seed=3), 4)
-  c = take(pipeline.make_train_iterator(cfg, process_index=0, process_count=1, seed=4), 4)
+  a = take(pipeline.make_train_iterator(cfg, batch_size=BATCH, process_index=0, process_count=1, seed=3), 4)
+  b = take(pipeline.make_train_iterator(cfg, batch_size=BATCH, process_index=0, process_count=1, seed=3), 4)
+  c = take(pipeline.make_train_iterator(cfg, batch_size=BATCH, process_index=0, process_count=1, seed=4), 4)
   assert_batches_equal(a, b)
   assert any(not np.array_equal(x["images"], y["images"]) for x, y in zip(a, c))
   assert any(not np.array_equal(x["record_index"], y["record_index"]) for x, y in zip(a, c))
@@ -74,11 +74,11 @@ def test_determinism(data):
 def test_exact_continuation_after_state_restore(data, stop):
   # 12 bags, batch 4: 3 batches per epoch, so stops 2 and 3 continue across an epoch boundary.
   cfg = config(data)
-  reference = take(pipeline.make_train_iterator(cfg, process_index=0, process_count=1), stop + 4)
-  it = pipeline.make_train_iterator(cfg, process_index=0, process_count=1)
+  reference = take(pipeline.make_train_iterator(cfg, batch_size=BATCH, process_index=0, process_count=1), stop + 4)
+  it = pipeline.make_train_iterator(cfg, batch_size=BATCH, process_index=0, process_count=1)
   take(it, stop)
   state = it.get_state()
-  restored = pipeline.make_train_iterator(cfg, process_index=0, process_count=1)
+  restored = pipeline.make_train_iterator(cfg, batch_size=BATCH, process_index=0, process_count=1)
   restored.set_state(state)
   assert_batches_equal(take(restored, 4), reference[stop:])
 
@@ -87,13 +87,13 @@ def test_orbax_round_trip_of_iterator_state(data, tmp_path):
   import grain
   import orbax.checkpoint as ocp
   cfg = config(data)
-  it = pipeline.make_train_iterator(cfg, process_index=0, process_count=1)
+  it = pipeline.make_train_iterator(cfg, batch_size=BATCH, process_index=0, process_count=1)
   take(it, 2)
-  expected = take(pipeline.make_train_iterator(cfg, process_index=0, process_count=1), 5)[2:]
+  expected = take(pipeline.make_train_iterator(cfg, batch_size=BATCH, process_index=0, process_count=1), 5)[2:]
   with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
     mngr.save(7, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
     mngr.wait_until_finished()
-  fresh = pipeline.make_train_iterator(cfg, process_index=0, process_count=1)
+  fresh = pipeline.make_train_iterator(cfg, batch_size=BATCH, process_index=0, process_count=1)
   with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
     mngr.restore(7, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
   assert_batches_equal(take(fresh, 3), expected)
@@ -103,12 +103,12 @@ def test_orbax_round_trip_of_iterator_state(data, tmp_path):
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_host_shards_are_disjoint_and_complete(data, process_count, shuffle):
   cfg = config(data, shuffle=shuffle)
-  steps_per_epoch = NUM_BAGS // cfg.global_batch_size
+  steps_per_epoch = NUM_BAGS // BATCH
   epochs = {0: [], 1: []}
   for p in range(process_count):
-    it = pipeline.make_train_iterator(cfg, process_index=p, process_count=process_count)
+    it = pipeline.make_train_iterator(cfg, batch_size=BATCH, process_index=p, process_count=process_count)
     batches = take(it, 2 * steps_per_epoch)
-    assert batches[0]["images"].shape[0] == cfg.global_batch_size // process_count
+    assert batches[0]["images"].shape[0] == BATCH // process_count
     for e in (0, 1):
       seen = np.concatenate([b["record_index"] for b in
                              batches[e * steps_per_epoch:(e + 1) * steps_per_epoch]])
@@ -123,9 +123,9 @@ def test_host_shards_are_disjoint_and_complete(data, process_count, shuffle):
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_global_batches_do_not_depend_on_process_count(data, process_count):
   """Host p reads the p-th block of each global batch: assembled, they equal one host's."""
-  cfg = config(data, global_batch_size=4)
-  single = take(pipeline.make_train_iterator(cfg, process_index=0, process_count=1), 5)
-  hosts = [take(pipeline.make_train_iterator(cfg, process_index=p, process_count=process_count), 5)
+  cfg = config(data)
+  single = take(pipeline.make_train_iterator(cfg, batch_size=BATCH, process_index=0, process_count=1), 5)
+  hosts = [take(pipeline.make_train_iterator(cfg, batch_size=BATCH, process_index=p, process_count=process_count), 5)
            for p in range(process_count)]
   for step, expected in enumerate(single):
     assembled = {k: np.concatenate([h[step][k] for h in hosts]) for k in expected
@@ -147,7 +147,7 @@ def test_uneven_records_every_record_once_per_epoch():
 
 def test_chain_geometry(data):
   _, _, bags = data
-  it = pipeline.make_train_iterator(config(data), process_index=0, process_count=1)
+  it = pipeline.make_train_iterator(config(data), batch_size=BATCH, process_index=0, process_count=1)
   for batch in take(it, 3):
     for r, idx, mags in zip(batch["record_index"], batch["patch_index"], batch["magnification"]):
       bag = bags[r]
@@ -161,7 +161,7 @@ def test_chain_geometry(data):
 
 def test_children_sampling_geometry(data):
   _, _, bags = data
-  it = pipeline.make_train_iterator(config(data, sampling="children", children_per_level=2),
+  it = pipeline.make_train_iterator(config(data, sampling="children", children_per_level=2), batch_size=BATCH,
                                     process_index=0, process_count=1)
   batch = next(it)
   assert batch["images"].shape[1] == 1 + 2 + 4
@@ -174,7 +174,7 @@ def test_children_sampling_geometry(data):
 
 def test_all_sampling_is_the_full_bag(data):
   _, _, bags = data
-  batch = next(pipeline.make_train_iterator(config(data, sampling="all"), process_index=0,
+  batch = next(pipeline.make_train_iterator(config(data, sampling="all"), batch_size=BATCH, process_index=0,
                                             process_count=1))
   assert batch["images"].shape[1] == 21
   for r, idx in zip(batch["record_index"], batch["patch_index"]):
@@ -183,7 +183,7 @@ def test_all_sampling_is_the_full_bag(data):
 
 def test_levels_subset_points_parent_at_nearest_emitted_ancestor(data):
   _, _, bags = data
-  batch = next(pipeline.make_train_iterator(config(data, levels=(0, 2)), process_index=0,
+  batch = next(pipeline.make_train_iterator(config(data, levels=(0, 2)), batch_size=BATCH, process_index=0,
                                             process_count=1))
   np.testing.assert_array_equal(batch["magnification"][0], [5.0, 20.0])
   for r, idx in zip(batch["record_index"], batch["patch_index"]):
@@ -221,7 +221,7 @@ def test_keyword_masking(data):
   tok = TextTokenizer(data[1], 16)
   empty = tok("")
   for k in (2, 40):
-    it = pipeline.make_train_iterator(config(data, max_keywords=k), process_index=0,
+    it = pipeline.make_train_iterator(config(data, max_keywords=k), batch_size=BATCH, process_index=0,
                                       process_count=1)
     batch = next(it)
     for r, mask, ids in zip(batch["record_index"], batch["keyword_mask"], batch["keyword_ids"]):
@@ -240,7 +240,7 @@ def test_captions_and_labels_follow_patches(data):
   _, _, bags = data
   from pathjax.input.tokenize import TextTokenizer
   tok = TextTokenizer(data[1], 64)
-  it = pipeline.make_train_iterator(config(data, context_length=64), tokenizer=tok,
+  it = pipeline.make_train_iterator(config(data, context_length=64), batch_size=BATCH, tokenizer=tok,
                                     process_index=0, process_count=1)
   names = ("tumor", "stroma", "lymphocytes", "normal")
   batch = next(it)
@@ -286,11 +286,11 @@ def test_eval_iterator_has_no_augmentation(data):
 def test_augmentation_config_switches(data):
   cfg = config(data)
   cfg.augment.enabled = False
-  plain = next(pipeline.make_train_iterator(cfg, process_index=0, process_count=1))
+  plain = next(pipeline.make_train_iterator(cfg, batch_size=BATCH, process_index=0, process_count=1))
   cfg.augment.enabled = True
   cfg.augment.hed_sigma = 0.05
   cfg.augment.crop_scale = (0.5, 1.0)
-  aug = next(pipeline.make_train_iterator(cfg, process_index=0, process_count=1))
+  aug = next(pipeline.make_train_iterator(cfg, batch_size=BATCH, process_index=0, process_count=1))
   np.testing.assert_array_equal(plain["record_index"], aug["record_index"])
   assert aug["images"].shape == plain["images"].shape and aug["images"].dtype == np.uint8
   assert not np.array_equal(plain["images"], aug["images"])
@@ -299,12 +299,12 @@ def test_augmentation_config_switches(data):
 @pytest.mark.slow
 def test_workers_match_in_process(data):
   cfg = config(data)
-  ref = take(pipeline.make_train_iterator(cfg, process_index=0, process_count=1), 5)
-  it = pipeline.make_train_iterator(cfg, process_index=0, process_count=1, worker_count=2)
+  ref = take(pipeline.make_train_iterator(cfg, batch_size=BATCH, process_index=0, process_count=1), 5)
+  it = pipeline.make_train_iterator(cfg, batch_size=BATCH, process_index=0, process_count=1, worker_count=2)
   got = take(it, 3)
   state = it.get_state()
   assert_batches_equal(got, ref[:3])
-  restored = pipeline.make_train_iterator(cfg, process_index=0, process_count=1, worker_count=2)
+  restored = pipeline.make_train_iterator(cfg, batch_size=BATCH, process_index=0, process_count=1, worker_count=2)
   restored.set_state(state)
   assert_batches_equal(take(restored, 2), ref[3:])
 
@@ -315,9 +315,9 @@ def test_device_augmentation_batch_matches_host_batch(data):
   from pathjax.input import transforms
   cfg = config(data)
   assert cfg.augment.on_device  # the default
-  dev = next(pipeline.make_train_iterator(cfg, process_index=0, process_count=1))
+  dev = next(pipeline.make_train_iterator(cfg, batch_size=BATCH, process_index=0, process_count=1))
   cfg.augment.on_device = False
-  host = next(pipeline.make_train_iterator(cfg, process_index=0, process_count=1))
+  host = next(pipeline.make_train_iterator(cfg, batch_size=BATCH, process_index=0, process_count=1))
   assert "color_transform" not in host and "dihedral" not in host
   assert dev["color_transform"].shape == (4, 3, 3, 4) and dev["dihedral"].shape == (4, 3)
   assert len(np.unique(dev["dihedral"])) > 1

@@ -10,17 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 from slide_fixtures import TINY_MAGS, TINY_PATCH, TINY_SIZE
+from tile_helpers import tile_tiny
 
 from pathjax import cli
 from pathjax.input import records, tile
 from pathjax.wsi import synth, tissue
-
-
-def _tile(paths, captions, out, **kw):
-  kw.setdefault("magnifications", TINY_MAGS)
-  kw.setdefault("patch_size", TINY_PATCH)
-  kw.setdefault("progress", False)
-  return tile.tile_slides(paths, captions, str(out), **kw)
 
 
 def _bags(out):
@@ -31,7 +25,7 @@ def _bags(out):
 @pytest.fixture(scope="module")
 def tiled(tiny_slides, tmp_path_factory):
   out = tmp_path_factory.mktemp("tiled")
-  manifest = _tile(tiny_slides.slide_paths, tiny_slides.captions_path, out)
+  manifest = tile_tiny(tiny_slides.slide_paths, tiny_slides.captions_path, out)
   return out, manifest
 
 
@@ -84,13 +78,13 @@ def test_missing_captions_counted_never_invented(tiny_slides, tmp_path):
   lines = open(tiny_slides.captions_path).read().splitlines()
   kept = tmp_path / "captions.jsonl"
   kept.write_text("\n".join(lines[::2]) + "\n")
-  m = _tile(tiny_slides.slide_paths[:1], str(kept), tmp_path / "out")
+  m = tile_tiny(tiny_slides.slide_paths[:1], str(kept), tmp_path / "out")
   bags, _ = _bags(tmp_path / "out")
   missing = [p for b in bags for p in b.patches if not p.has_caption]
   assert missing and m["counts"]["captions_missing"] == len(missing)
   assert all(p.caption == "" and p.keywords == [] for p in missing)
   assert sum(m["counts"]["captions_missing_per_magnification"].values()) == len(missing)
-  m = _tile(tiny_slides.slide_paths[:1], None, tmp_path / "nocap")
+  m = tile_tiny(tiny_slides.slide_paths[:1], None, tmp_path / "nocap")
   assert m["counts"]["captions_missing"] == m["counts"]["patches"] > 0
 
 
@@ -110,7 +104,7 @@ def test_bad_slides_are_counted_skips(tiny_slides, tmp_path):
   bad_tile = str(d / "badtile.svs")
   synth.write_synthetic_slide(bad_tile, width=TINY_SIZE, seed=4, tissue_fraction=1.0, region_px=300)
   synth.corrupt_tile(bad_tile, level_page=0, tile_index=5)
-  m = _tile(str(d / "*"), tiny_slides.captions_path, tmp_path / "out", workers=1)
+  m = tile_tiny(str(d / "*"), tiny_slides.captions_path, tmp_path / "out", workers=1)
   reasons = {s["slide"]: s["reason"] for s in m["skipped"]["slides"]}
   assert reasons == {"truncated": "corrupt_or_truncated", "junk": "corrupt_or_truncated",
                      "plain": "not_pyramidal", "nometa": "no_magnification_metadata",
@@ -125,10 +119,10 @@ def test_bad_slides_are_counted_skips(tiny_slides, tmp_path):
   bags, _ = _bags(tmp_path / "out")
   assert {b.slide_id for b in bags} == {"good", "badtile"}
   # The override makes the metadata-free slide usable.
-  m = _tile([str(d / "nometa.svs")], None, tmp_path / "out2", magnification_override=40)
+  m = tile_tiny([str(d / "nometa.svs")], None, tmp_path / "out2", magnification_override=40)
   assert m["counts"]["slides_tiled"] == 1
   # 20x slide tiles fine when 40x is not asked.
-  m = _tile([str(d / "max20x.svs")], None, tmp_path / "out3", magnifications=(5, 10, 20))
+  m = tile_tiny([str(d / "max20x.svs")], None, tmp_path / "out3", magnifications=(5, 10, 20))
   assert m["counts"]["slides_tiled"] == 1 and m["counts"]["patches_per_magnification"]["20"] > 0
 
 
@@ -138,7 +132,7 @@ def test_caption_file_problems_reported_with_line_numbers(tiny_slides, tmp_path)
                      b'{"slide": "synth-000", "magnification": 5, "x": -1, "y": 0, "caption": "c"}'] + lines[3:]
   path = tmp_path / "captions.jsonl"
   path.write_bytes(b"\n".join(bad) + b"\n")
-  m = _tile(tiny_slides.slide_paths, str(path), tmp_path / "out")
+  m = tile_tiny(tiny_slides.slide_paths, str(path), tmp_path / "out")
   cap = m["captions"]
   assert cap["issues_by_kind"] == {"malformed_json": 1, "invalid_utf8": 1, "duplicate_key": 1,
                                    "not_an_object": 1, "bad_value": 1}
@@ -158,7 +152,7 @@ def test_resume_after_killed_run(tiny_slides, tmp_path):
   (out / "pixels-synth-001.array_record.tmp-12345").write_bytes(b"partial")
   with pytest.raises(records.IncompleteRecordsError, match="re-run `pathjax tile`"):
     records.open_records(str(out))
-  m = _tile(tiny_slides.slide_paths, None, out)
+  m = tile_tiny(tiny_slides.slide_paths, None, out)
   assert m["counts"]["slides_resumed"] == 1 and m["counts"]["slides_tiled"] == 3
   assert not glob.glob(str(out / "*.tmp-*"))
   bags, _ = _bags(out)
@@ -167,20 +161,20 @@ def test_resume_after_killed_run(tiny_slides, tmp_path):
   os.remove(records.shard_paths(str(out))[0])
   with pytest.raises(records.IncompleteRecordsError):
     records.open_records(str(out))
-  m2 = _tile(tiny_slides.slide_paths, None, out)  # and a rerun repairs it
+  m2 = tile_tiny(tiny_slides.slide_paths, None, out)  # and a rerun repairs it
   assert m2["counts"]["slides_resumed"] == 2 and m2["counts"]["bags"] == m["counts"]["bags"]
   # So is one whose pixel shard vanishes; the rerun redoes just that slide.
   os.remove(records.pixels_path(records.shard_paths(str(out))[1]))
   with pytest.raises(records.IncompleteRecordsError, match="pixel shards"):
     records.open_records(str(out))
-  m3 = _tile(tiny_slides.slide_paths, None, out)
+  m3 = tile_tiny(tiny_slides.slide_paths, None, out)
   assert m3["counts"]["slides_resumed"] == 2 and m3["counts"]["bags"] == m["counts"]["bags"]
   assert len(_bags(out)[0]) == m["counts"]["bags"]
 
 
 def test_parallel_workers_same_result(tiled, tiny_slides, tmp_path):
   _, m1 = tiled
-  m2 = _tile(tiny_slides.slide_paths, tiny_slides.captions_path, tmp_path / "out", workers=2)
+  m2 = tile_tiny(tiny_slides.slide_paths, tiny_slides.captions_path, tmp_path / "out", workers=2)
   assert m2["counts"] == {**m1["counts"]} and m2["shards"] == m1["shards"]
   for a, b in zip(records.shard_paths(str(tmp_path / "out")), records.shard_paths(str(tiled[0]))):
     assert open(a, "rb").read() == open(b, "rb").read()

@@ -1,34 +1,20 @@
 """`pathjax tile --runner beam` (Apache Beam DirectRunner): the same records byte for byte as
 the local pool, idempotent reruns, retries, counted skips, and object-store paths."""
 
-import errno
-import glob
 import os
 import shutil
 
 import numpy as np
 import pytest
-from slide_fixtures import TINY_MAGS, TINY_PATCH
+from slide_fixtures import TINY_PATCH
+from tile_helpers import assert_failed_run_then_rerun_finishes, flaky_slide_opens, shard_bytes, tile_tiny
 
 pytest.importorskip("apache_beam", reason="the beam extra is not installed (pip install -e '.[beam]')")
 
 from pathjax import cli  # noqa: E402
-from pathjax.input import records, storage, tile, tile_beam  # noqa: E402
-from pathjax.wsi import slide as slide_lib  # noqa: E402
+from pathjax.input import records, storage, tile_beam  # noqa: E402
 
 IN_PROCESS = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
-
-
-def _tile(paths, captions, out, **kw):
-  kw.setdefault("magnifications", TINY_MAGS)
-  kw.setdefault("patch_size", TINY_PATCH)
-  kw.setdefault("progress", False)
-  return tile.tile_slides(paths, captions, str(out), **kw)
-
-
-def _files(out):
-  return {os.path.basename(p): open(p, "rb").read()
-          for p in sorted(glob.glob(os.path.join(str(out), "*.array_record")))}
 
 
 def _comparable(manifest):
@@ -56,14 +42,14 @@ def test_beam_cli_matches_local_pool_and_trains(tiny_slides, tmp_path, capsys):
   assert cli.main(common + ["--out", local]) == 0
   assert cli.main(common + ["--out", beam, "--runner", "beam", "--", "--direct_num_workers=2"]) == 0
   capsys.readouterr()
-  a, b = _files(local), _files(beam)
+  a, b = shard_bytes(local), shard_bytes(beam)
   assert len(a) == 6 and a == b
   ma, mb = records.read_manifest(local), records.read_manifest(beam)
   assert _comparable(ma) == _comparable(mb)
   assert open(os.path.join(local, "caption_issues.jsonl")).read() == open(os.path.join(beam, "caption_issues.jsonl")).read()
   # A rerun of the Beam output resumes every slide.
-  m = _tile(slides, tiny_slides.captions_path, beam, runner="beam", workers=2)
-  assert m["counts"]["slides_resumed"] == 3 and _files(beam) == a
+  m = tile_tiny(slides, tiny_slides.captions_path, beam, runner="beam", workers=2)
+  assert m["counts"]["slides_resumed"] == 3 and shard_bytes(beam) == a
   # The trainer's input pipeline reads the Beam output unchanged.
   from pathjax.bench.input import write_synthetic_tokenizer
   from pathjax.input import pipeline
@@ -71,8 +57,8 @@ def test_beam_cli_matches_local_pool_and_trains(tiny_slides, tmp_path, capsys):
 
   def batches(records_dir):
     cfg = pipeline.default_input_config()
-    cfg.records_dir, cfg.tokenizer, cfg.global_batch_size, cfg.context_length = records_dir, tok, 4, 16
-    it = pipeline.make_train_iterator(cfg, process_index=0, process_count=1, seed=1)
+    cfg.records_dir, cfg.tokenizer, cfg.context_length = records_dir, tok, 16
+    it = pipeline.make_train_iterator(cfg, batch_size=4, process_index=0, process_count=1, seed=1)
     return [next(it) for _ in range(2)]
 
   for x, y in zip(batches(local), batches(beam)):
@@ -82,39 +68,27 @@ def test_beam_cli_matches_local_pool_and_trains(tiny_slides, tmp_path, capsys):
 
 
 def test_beam_corrupt_slide_one_skip_and_transient_retry(tiny_slides, tmp_path, monkeypatch):
-  monkeypatch.setattr(tile, "RETRY_BACKOFF_S", 0.0)
   d = tmp_path / "slides"
   d.mkdir()
   for p in tiny_slides.slide_paths[:2]:
     shutil.copy(p, d)
   data = open(tiny_slides.slide_paths[2], "rb").read()
   (d / "broken.svs").write_bytes(data[: len(data) // 3])
-  original = slide_lib.open_slide
-  failures = {"synth-001": 2}
+  failures = flaky_slide_opens(monkeypatch, {"synth-001": 2})  # in-process runner: seen
 
-  def flaky(path, **kw):
-    sid = slide_lib.slide_id_from_path(path)
-    if failures.get(sid, 0) > 0:
-      failures[sid] -= 1
-      raise OSError(errno.EIO, "Input/output error", path)
-    return original(path, **kw)
+  def run(out):
+    return tile_tiny(str(d / "*.svs"), tiny_slides.captions_path, out, runner="beam",
+                     beam_args=IN_PROCESS)
 
-  monkeypatch.setattr(slide_lib, "open_slide", flaky)  # in-process runner: the patch is seen
-  out = tmp_path / "out"
-  m = _tile(str(d / "*.svs"), tiny_slides.captions_path, out, runner="beam", beam_args=IN_PROCESS)
+  m = run(tmp_path / "out")
   assert failures["synth-001"] == 0 and m["counts"]["slides_tiled"] == 2
   assert m["counts"]["slides_skipped"] == 1 and m["skipped"]["slides_by_reason"] == {"corrupt_or_truncated": 1}
-  m = _tile(str(d / "*.svs"), tiny_slides.captions_path, out, runner="beam", beam_args=IN_PROCESS)
+  m = run(tmp_path / "out")
   assert m["counts"]["slides_resumed"] == 3 and m["counts"]["slides_skipped"] == 1
   # A transient error that outlives its retries fails the pipeline (the runner's retry),
   # leaves no manifest, and a rerun finishes.
-  failures["synth-001"] = 10
-  out2 = tmp_path / "out2"
-  with pytest.raises(tile.TileIncompleteError, match="Input/output error"):
-    _tile(str(d / "*.svs"), tiny_slides.captions_path, out2, runner="beam", beam_args=IN_PROCESS)
-  assert not os.path.exists(out2 / "manifest.json")
-  failures["synth-001"] = 0
-  m = _tile(str(d / "*.svs"), tiny_slides.captions_path, out2, runner="beam", beam_args=IN_PROCESS)
+  _, _, m = assert_failed_run_then_rerun_finishes(run, tmp_path / "out2", failures, "synth-001",
+                                                  match="Input/output error")
   assert m["counts"]["slides_tiled"] == 2 and m["counts"]["slides_skipped"] == 1
 
 
@@ -126,7 +100,7 @@ def test_object_store_paths(tiny_slides, tmp_path):
     mem.put_file(p, f"/pathjax-test/slides/{os.path.basename(p)}")
   mem.put_file(tiny_slides.captions_path, "/pathjax-test/captions.jsonl")
   try:
-    m = _tile("memory://pathjax-test/slides/*.svs", "memory://pathjax-test/captions.jsonl",
+    m = tile_tiny("memory://pathjax-test/slides/*.svs", "memory://pathjax-test/captions.jsonl",
               "memory://pathjax-test/records")
     assert m["counts"]["slides_tiled"] == 2 and m["slides"][0]["path"].startswith("memory://")
     # Copy the records down and read them; compare with tiling the same slides locally.
@@ -138,17 +112,17 @@ def test_object_store_paths(tiny_slides, tmp_path):
     assert not [n for n in storage.listdir("memory://pathjax-test/records") if storage.TMP_MARK in n]
     source, _ = records.open_records(str(local))
     assert len(source) == m["counts"]["bags"]
-    direct = _tile(tiny_slides.slide_paths[:2], tiny_slides.captions_path, tmp_path / "direct")
-    assert _files(local) == _files(tmp_path / "direct") and direct["counts"] == m["counts"]
+    direct = tile_tiny(tiny_slides.slide_paths[:2], tiny_slides.captions_path, tmp_path / "direct")
+    assert shard_bytes(local) == shard_bytes(tmp_path / "direct") and direct["counts"] == m["counts"]
     # Markers name the slide by id and file name, never a local path.
     marker = storage.read_text("memory://pathjax-test/records/.tile/done/synth-000.json")
     assert str(tmp_path) not in marker and '"file": "synth-000.svs"' in marker
-    m = _tile("memory://pathjax-test/slides/*.svs", "memory://pathjax-test/captions.jsonl",
+    m = tile_tiny("memory://pathjax-test/slides/*.svs", "memory://pathjax-test/captions.jsonl",
               "memory://pathjax-test/records", runner="beam", beam_args=IN_PROCESS)
     assert m["counts"]["slides_resumed"] == 2
   finally:
     mem.rm("/pathjax-test", recursive=True)
   url_out = "file://" + str(tmp_path / "url_out")
-  m = _tile(tiny_slides.slide_paths[:2], tiny_slides.captions_path, url_out, runner="beam",
+  m = tile_tiny(tiny_slides.slide_paths[:2], tiny_slides.captions_path, url_out, runner="beam",
             beam_args=IN_PROCESS)
-  assert _files(tmp_path / "url_out") == _files(tmp_path / "direct")
+  assert shard_bytes(tmp_path / "url_out") == shard_bytes(tmp_path / "direct")

@@ -16,6 +16,7 @@ import time
 
 import pytest
 from slide_fixtures import TINY_MAGS, TINY_PATCH
+from tile_helpers import assert_failed_run_then_rerun_finishes, flaky_slide_opens, shard_bytes, tile_tiny
 
 from pathjax import cli
 from pathjax.input import records, storage, tile
@@ -24,26 +25,14 @@ from pathjax.wsi import slide as slide_lib
 KILL_ONCE_FLAG = "PATHJAX_TEST_KILL_ONCE_FLAG"
 
 
-def _tile(paths, captions, out, **kw):
-  kw.setdefault("magnifications", TINY_MAGS)
-  kw.setdefault("patch_size", TINY_PATCH)
-  kw.setdefault("progress", False)
-  return tile.tile_slides(paths, captions, str(out), **kw)
-
-
 def _opts():
   return tile.make_options(TINY_MAGS, TINY_PATCH)
-
-
-def _shard_bytes(out):
-  return {os.path.basename(p): open(p, "rb").read()
-          for p in sorted(glob.glob(os.path.join(str(out), "*.array_record*")))}
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_slides, tmp_path_factory):
   out = tmp_path_factory.mktemp("reference")
-  manifest = _tile(tiny_slides.slide_paths, tiny_slides.captions_path, out)
+  manifest = tile_tiny(tiny_slides.slide_paths, tiny_slides.captions_path, out)
   return out, manifest
 
 
@@ -65,10 +54,10 @@ def kill_once(ref, *args, **kwargs):
 
 def test_killed_worker_is_replaced_and_its_slide_retried(tiny_slides, reference, tmp_path, monkeypatch):
   monkeypatch.setenv(KILL_ONCE_FLAG, str(tmp_path / "killed"))
-  m = _tile(tiny_slides.slide_paths, tiny_slides.captions_path, tmp_path / "out", workers=2, slide_fn=kill_once)
+  m = tile_tiny(tiny_slides.slide_paths, tiny_slides.captions_path, tmp_path / "out", workers=2, slide_fn=kill_once)
   assert os.path.exists(tmp_path / "killed")  # the worker really died once
   assert m["counts"] == reference[1]["counts"] and m["counts"]["slides_worker_died"] == 0
-  assert _shard_bytes(tmp_path / "out") == _shard_bytes(reference[0])
+  assert shard_bytes(tmp_path / "out") == shard_bytes(reference[0])
 
 
 def test_slide_that_kills_its_worker_twice_is_skipped_and_exit_nonzero(tiny_slides, tmp_path, monkeypatch, capsys):
@@ -137,7 +126,7 @@ def test_colliding_slide_ids_refused_naming_both(tiny_slides, tmp_path, capsys):
   shutil.copy(tiny_slides.slide_paths[0], d / "case a.svs")
   shutil.copy(tiny_slides.slide_paths[1], d / "case_a.svs")
   with pytest.raises(tile.TileError, match="case a.svs.*case_a.svs|case_a.svs.*case a.svs"):
-    _tile(str(d / "*.svs"), None, tmp_path / "out")
+    tile_tiny(str(d / "*.svs"), None, tmp_path / "out")
   (d / "other").mkdir()
   shutil.copy(tiny_slides.slide_paths[0], d / "other" / "case_a.tif")
   code = cli.main(["tile", "--slides", str(d / "**" / "case_a.*"), "--out", str(tmp_path / "out2"),
@@ -170,8 +159,8 @@ def test_concurrent_attempts_of_one_slide_same_pid(tiny_slides, reference, tmp_p
     t.join()
   assert not errors and [r["status"] for r in results] == ["done", "done"]
   name = tile.shard_name(ref.slide_id)
-  ref_bytes = _shard_bytes(reference[0])
-  got = _shard_bytes(out)
+  ref_bytes = shard_bytes(reference[0])
+  got = shard_bytes(out)
   assert set(got) == {name, records.pixels_path(name)}
   assert got[name] == ref_bytes[name] and got[records.pixels_path(name)] == ref_bytes[records.pixels_path(name)]
   marker = tile.read_marker(str(out), ref.slide_id)
@@ -204,39 +193,24 @@ def test_attempt_killed_mid_slide_then_retried(tiny_slides, tmp_path):
   assert proc.exitcode == -signal.SIGKILL
   leftovers = os.listdir(out)
   assert leftovers and all(storage.TMP_MARK in n for n in leftovers)  # half-written, never renamed
-  m = _tile([path], None, out)
+  m = tile_tiny([path], None, out)
   assert m["counts"]["slides_tiled"] == 1 and m["counts"]["slides_resumed"] == 0
   clean = tmp_path / "clean"
-  _tile([path], None, clean)
-  assert _shard_bytes(out) == _shard_bytes(clean)  # exactly one attempt's shards, no temporaries
+  tile_tiny([path], None, clean)
+  assert shard_bytes(out) == shard_bytes(clean)  # exactly one attempt's shards, no temporaries
   assert not glob.glob(str(out / ".tile" / "done" / f"*{storage.TMP_MARK}*"))
 
 
 def test_transient_error_is_retried_and_succeeds(tiny_slides, reference, tmp_path, monkeypatch):
-  monkeypatch.setattr(tile, "RETRY_BACKOFF_S", 0.0)
-  original = slide_lib.open_slide
-  failures = {"synth-002": 2}
-
-  def flaky(path, **kw):
-    sid = slide_lib.slide_id_from_path(path)
-    if failures.get(sid, 0) > 0:
-      failures[sid] -= 1
-      raise OSError(errno.EIO, "Input/output error", path)
-    return original(path, **kw)
-
-  monkeypatch.setattr(slide_lib, "open_slide", flaky)
-  m = _tile(tiny_slides.slide_paths, tiny_slides.captions_path, tmp_path / "out")
+  failures = flaky_slide_opens(monkeypatch, {"synth-002": 2})
+  m = tile_tiny(tiny_slides.slide_paths, tiny_slides.captions_path, tmp_path / "out")
   assert failures["synth-002"] == 0 and m["counts"] == reference[1]["counts"]
   # One that keeps failing is not a skip: the run fails naming it, writes no manifest, and
   # a rerun finishes it.
-  failures["synth-002"] = 10
-  out2 = tmp_path / "out2"
-  with pytest.raises(tile.TileIncompleteError, match="synth-002") as e:
-    _tile(tiny_slides.slide_paths, tiny_slides.captions_path, out2)
-  assert [f["reason"] for f in e.value.failed] == ["io_error"] and failures["synth-002"] == 10 - tile.RETRY_ATTEMPTS
-  assert not os.path.exists(out2 / "manifest.json")
-  failures["synth-002"] = 0
-  m = _tile(tiny_slides.slide_paths, tiny_slides.captions_path, out2)
+  error, attempts, m = assert_failed_run_then_rerun_finishes(
+      lambda out: tile_tiny(tiny_slides.slide_paths, tiny_slides.captions_path, out),
+      tmp_path / "out2", failures, "synth-002", match="synth-002")
+  assert [f["reason"] for f in error.failed] == ["io_error"] and attempts == tile.RETRY_ATTEMPTS
   assert m["counts"]["slides_resumed"] == 2 and m["counts"]["slides_tiled"] == 3
 
 
@@ -298,26 +272,26 @@ def test_skips_retried_when_the_file_changes_or_asked(tiny_slides, tmp_path, mon
 
   monkeypatch.setattr(slide_lib, "open", no_permission, raising=False)
   out = tmp_path / "out"
-  m = _tile(str(d / "*.svs"), None, out)
+  m = tile_tiny(str(d / "*.svs"), None, out)
   assert {s["slide"]: s["reason"] for s in m["skipped"]["slides"]} == {
       "copying": "corrupt_or_truncated", "locked": "permission_denied"}
   # Unchanged files: the truncated one stays skipped; the permission error is retried.
-  m = _tile(str(d / "*.svs"), None, out)
+  m = tile_tiny(str(d / "*.svs"), None, out)
   assert m["counts"]["slides_resumed"] == 1
   # The copy completes and the permission is fixed: both are tiled.
   (d / "copying.svs").write_bytes(good)
   monkeypatch.undo()
-  m = _tile(str(d / "*.svs"), None, out)
+  m = tile_tiny(str(d / "*.svs"), None, out)
   assert m["counts"]["slides_tiled"] == 2 and m["counts"]["slides_resumed"] == 0
   # --retry-skipped retries skips whose file did not change.
   synth_blank = tmp_path / "blank"
   from pathjax.wsi import synth
   synth_blank.mkdir()
   synth.write_synthetic_slide(str(synth_blank / "blank.svs"), width=1024, seed=2, tissue_fraction=0.0)
-  m = _tile(str(synth_blank / "*.svs"), None, tmp_path / "out_blank")
+  m = tile_tiny(str(synth_blank / "*.svs"), None, tmp_path / "out_blank")
   assert m["skipped"]["slides_by_reason"] == {"no_tissue": 1}
-  assert _tile(str(synth_blank / "*.svs"), None, tmp_path / "out_blank")["counts"]["slides_resumed"] == 1
-  m = _tile(str(synth_blank / "*.svs"), None, tmp_path / "out_blank", retry_skipped=True)
+  assert tile_tiny(str(synth_blank / "*.svs"), None, tmp_path / "out_blank")["counts"]["slides_resumed"] == 1
+  m = tile_tiny(str(synth_blank / "*.svs"), None, tmp_path / "out_blank", retry_skipped=True)
   assert m["counts"]["slides_resumed"] == 0 and m["skipped"]["slides_by_reason"] == {"no_tissue": 1}
 
 
@@ -341,14 +315,14 @@ def test_missing_file_and_permission_are_not_corrupt(tiny_slides, tmp_path, monk
 
 def test_changed_captions_are_applied_on_rerun(tiny_slides, tmp_path):
   out = tmp_path / "out"
-  _tile(tiny_slides.slide_paths, tiny_slides.captions_path, out)
+  tile_tiny(tiny_slides.slide_paths, tiny_slides.captions_path, out)
   lines = [json.loads(l) for l in open(tiny_slides.captions_path)]
   for l in lines:
     if l["slide"] == "synth-001":
       l["caption"] = "REVISED " + l["caption"]
   new = tmp_path / "captions2.jsonl"
   new.write_text("".join(json.dumps(l) + "\n" for l in lines))
-  m = _tile(tiny_slides.slide_paths, str(new), out)
+  m = tile_tiny(tiny_slides.slide_paths, str(new), out)
   assert m["counts"]["slides_resumed"] == 2 and m["options"]["captions"] == str(new)
   source, _ = records.open_records(str(out))
   for i in range(len(source)):
@@ -364,10 +338,10 @@ def test_caption_problems_counted(tiny_slides, tmp_path):
            b'{"slide": "synth-000", "magnification": 5, "x": 99999, "y": 0, "caption": "bad \\ud800 text"}']
   path = tmp_path / "captions.jsonl"
   path.write_bytes(b"\n".join(lines + extra) + b"\n")
-  m = _tile(tiny_slides.slide_paths, str(path), tmp_path / "out")
+  m = tile_tiny(tiny_slides.slide_paths, str(path), tmp_path / "out")
   assert m["counts"]["slides_tiled"] == 3  # the bad line costs only itself
   assert m["counts"]["captions_unknown_slide"] == 2 and m["captions"]["unknown_slides"] == ["not-a-slide"]
-  reference = _tile(tiny_slides.slide_paths, tiny_slides.captions_path, tmp_path / "ref")
+  reference = tile_tiny(tiny_slides.slide_paths, tiny_slides.captions_path, tmp_path / "ref")
   assert m["counts"]["captions_unmatched"] == reference["counts"]["captions_unmatched"] + 2
   issues = [json.loads(l) for l in open(tmp_path / "out" / "caption_issues.jsonl")]
   assert [(i["line"], i["kind"]) for i in issues] == [(len(lines) + 3, "invalid_unicode")]

@@ -174,10 +174,10 @@ def bench_pipeline(records_dir: str, tokenizer_dir: str, workers: int, batch: in
   cfg.augment.on_device = on_device
   cfg.records_dir = records_dir
   cfg.tokenizer = tokenizer_dir
-  cfg.global_batch_size = batch
   cfg.worker_count = workers
   cfg.worker_buffer_size = 4
-  it = pipeline.make_train_iterator(cfg, process_index=0, process_count=1, seed=0)
+  it = pipeline.make_train_iterator(cfg, batch_size=batch, process_index=0, process_count=1,
+                                    seed=0)
   first = next(it)
   for _ in range(warmup_batches):
     next(it)

@@ -91,6 +91,10 @@ class _Reader:
     self.used.add(key)
     return np.asarray(self.sd[key], np.float32)
 
+  def pair(self, name):
+    """(weight, bias) of a Linear or LayerNorm."""
+    return self.get(name + ".weight"), self.get(name + ".bias")
+
   def finish(self, prefix_re: str):
     unexpected = sorted(k for k in self.sd if re.match(prefix_re, k) and k not in self.used
                         and not k.endswith("position_ids"))
@@ -114,6 +118,20 @@ def _complete(*xs) -> bool:
   return all(x is not None for pair in xs for x in (pair if isinstance(pair, tuple) else (pair,)))
 
 
+# The vision tower's tensors outside its blocks, per format (prefix-relative except
+# "projection", which transformers keeps at the top level).
+_VISION_NAMES = {
+    "hf": dict(prefix="vision_model.", cls="embeddings.class_embedding",
+               conv="embeddings.patch_embedding.weight",
+               pos="embeddings.position_embedding.weight", pre="pre_layrnorm",
+               post="post_layernorm", blocks="encoder.layers",
+               projection="visual_projection.weight"),
+    "open_clip": dict(prefix="visual.", cls="class_embedding", conv="conv1.weight",
+                      pos="positional_embedding", pre="ln_pre", post="ln_post",
+                      blocks="transformer.resblocks", projection="visual.proj"),
+}
+
+
 def convert_clip_vision(sd: Mapping[str, np.ndarray], *, fmt: str | None = None,
                         scan: bool = True, overrides: Mapping[str, Any] | None = None,
                         source: str = "<state dict>"
@@ -121,32 +139,22 @@ def convert_clip_vision(sd: Mapping[str, np.ndarray], *, fmt: str | None = None,
   """(ViT fields, ViT params of numpy, projection [W, E] or None) of a CLIP vision tower."""
   fmt = fmt or detect_format(sd)
   overrides = dict(overrides or {})
+  if fmt not in _VISION_NAMES:
+    raise ValueError(f"unknown CLIP format {fmt!r}; valid: {', '.join(_VISION_NAMES)}")
+  if fmt == "open_clip" and "mlp_activation" not in overrides:
+    raise ValueError("open_clip weights do not record the activation: pass the open_clip model "
+                     "config (--clip-config) or --clip-activation quick_gelu (OpenAI-initialised "
+                     "models: PLIP, QuiltNet) | gelu")
+  names = _VISION_NAMES[fmt]
+  p = names["prefix"]
   r = _Reader(sd, source)
-  if fmt == "hf":
-    p = "vision_model."
-    cls = r.get(p + "embeddings.class_embedding")
-    conv = r.get(p + "embeddings.patch_embedding.weight")
-    pos = r.get(p + "embeddings.position_embedding.weight")
-    ln = lambda n: (r.get(f"{p}{n}.weight"), r.get(f"{p}{n}.bias"))
-    pre, post = ln("pre_layrnorm"), ln("post_layernorm")
-    layer_re = r"vision_model\.encoder\.layers\.(\d+)\."
-    proj_w = r.get("visual_projection.weight") if "visual_projection.weight" in sd else None
-    projection = None if proj_w is None else proj_w.T
-  elif fmt == "open_clip":
-    p = "visual."
-    cls = r.get(p + "class_embedding")
-    conv = r.get(p + "conv1.weight")
-    pos = r.get(p + "positional_embedding")
-    ln = lambda n: (r.get(f"{p}{n}.weight"), r.get(f"{p}{n}.bias"))
-    pre, post = ln("ln_pre"), ln("ln_post")
-    layer_re = r"visual\.transformer\.resblocks\.(\d+)\."
-    projection = r.get(p + "proj") if p + "proj" in sd else None
-    if "mlp_activation" not in overrides:
-      raise ValueError("open_clip weights do not record the activation: pass the open_clip model "
-                       "config (--clip-config) or --clip-activation quick_gelu (OpenAI-initialised "
-                       "models: PLIP, QuiltNet) | gelu")
-  else:
-    raise ValueError(f"unknown CLIP format {fmt!r}; valid: hf, open_clip")
+  cls, conv, pos = (r.get(p + names[k]) for k in ("cls", "conv", "pos"))
+  pre, post = r.pair(p + names["pre"]), r.pair(p + names["post"])
+  layer_re = re.escape(p + names["blocks"]) + r"\.(\d+)\."
+  projection = None
+  if names["projection"] in sd:  # transformers stores it [E, W] (a Linear), open_clip [W, E]
+    projection = r.get(names["projection"])
+    projection = projection.T if fmt == "hf" else projection
   if conv is None or pos is None or cls is None:
     r.finish(re.escape(p))
   width, _, patch, _ = conv.shape
@@ -159,18 +167,16 @@ def convert_clip_vision(sd: Mapping[str, np.ndarray], *, fmt: str | None = None,
     raise WeightsError(f"vision width {width} is not divisible by {heads} heads")
   blocks = []
   for i in range(depth):
+    q = f"{p}{names['blocks']}.{i}."
     if fmt == "hf":
-      q = f"{p}encoder.layers.{i}."
-      lin = lambda n: (r.get(q + n + ".weight"), r.get(q + n + ".bias"))
-      qkv = [lin(f"self_attn.{n}_proj") for n in ("q", "k", "v")]
-      out = lin("self_attn.out_proj")
-      n1, n2, fc1, fc2 = lin("layer_norm1"), lin("layer_norm2"), lin("mlp.fc1"), lin("mlp.fc2")
+      qkv = [r.pair(f"{q}self_attn.{n}_proj") for n in ("q", "k", "v")]
+      out = r.pair(q + "self_attn.out_proj")
+      n1, n2, fc1, fc2 = (r.pair(q + n)
+                          for n in ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"))
     else:
-      q = f"{p}transformer.resblocks.{i}."
-      lin = lambda n: (r.get(q + n + ".weight"), r.get(q + n + ".bias"))
       in_w, in_b = r.get(q + "attn.in_proj_weight"), r.get(q + "attn.in_proj_bias")
-      out = lin("attn.out_proj")
-      n1, n2, fc1, fc2 = lin("ln_1"), lin("ln_2"), lin("mlp.c_fc"), lin("mlp.c_proj")
+      out = r.pair(q + "attn.out_proj")
+      n1, n2, fc1, fc2 = (r.pair(q + n) for n in ("ln_1", "ln_2", "mlp.c_fc", "mlp.c_proj"))
       if in_w is None or in_b is None:
         continue
       qkv = [(in_w[j * width:(j + 1) * width], in_b[j * width:(j + 1) * width]) for j in range(3)]
@@ -178,7 +184,7 @@ def convert_clip_vision(sd: Mapping[str, np.ndarray], *, fmt: str | None = None,
       continue
     attn = clip_text._attn_from_qkv(*qkv, out, width, heads)
     blocks.append(_block(n1, attn, n2, fc1, fc2))
-  r.finish(re.escape(p) if fmt == "open_clip" else r"(vision_model\.|visual_projection)")
+  r.finish(f"({re.escape(p)}|{re.escape(names['projection'])})")
   mlp_dim = blocks[0]["mlp"]["fc1"]["kernel"].shape[1]
   fields = dict(width=int(width), depth=depth, num_heads=heads, mlp_dim=int(mlp_dim),
                 patch_size=int(patch), image_size=int(grid * patch), class_token=True,

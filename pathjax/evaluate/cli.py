@@ -40,6 +40,11 @@ def register(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--seeds", type=int, default=5, help="kshot: random draws per shot count")
   parser.add_argument("--test-fraction", type=float, default=0.3, help="probes without --train-data")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--labels", help="slide_zeroshot: a slide -> class file (JSON {slide: "
+                      "label}, JSON lines or CSV slide,label); --data then a records:DIR[@MAG] "
+                      "or slides:DIR spec whose patches are pooled per slide (MI-Zero)")
+  parser.add_argument("--topk", default="", help="slide_zeroshot with a patch model: the k of "
+                      "top-k pooling, comma-separated (default MI-Zero's 1,5,10,50,100)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   parser.add_argument("--help-data", action="store_true", help="describe data specs and exit")
 
@@ -65,6 +70,12 @@ def main(args) -> int:
   if not (args.model or args.workdir) or not args.data:
     print("pathjax eval: error: --model DIR (or --workdir DIR) and --data SPEC are required", file=sys.stderr)
     return 2
+  try:
+    topk = tuple(int(k) for k in args.topk.split(",") if k) or None
+  except ValueError:
+    print(f"pathjax eval: error: --topk {args.topk!r}: comma-separated integers, e.g. 1,5,10",
+          file=sys.stderr)
+    return 2
   out = args.out or os.path.join("eval_out", args.task)
   from pathjax.config_lib import ConfigError
   from pathjax.workdir import check_writable_dir
@@ -81,8 +92,9 @@ def main(args) -> int:
     from pathjax.models.model_dir import ModelDirError
   except ImportError:  # pragma: no cover
     ModelDirError = ValueError
+  from pathjax.evaluate.slides import SlideEvalError
   expected = (data_lib.DataError, prompts_lib.PromptError, features_lib.EmbedderError, ModelDirError,
-              FileNotFoundError, tasks_lib.TaskError)
+              FileNotFoundError, tasks_lib.TaskError, SlideEvalError)
   try:
     task = tasks_lib.get_task(args.task)  # an unknown task fails before any data is read
     dataset = data_lib.load_dataset(args.data)
@@ -105,6 +117,7 @@ def main(args) -> int:
         magnifications=[float(m) for m in args.magnifications.split(",") if m],
         batch_size=args.batch_size, k=args.k, shots=[int(s) for s in args.shots.split(",") if s],
         seeds=args.seeds, test_fraction=args.test_fraction, seed=args.seed,
+        labels=args.labels, topk=topk,
         progress=False if args.no_progress else None,
         report=lambda s: print(s, file=sys.stderr))
   except expected as e:

@@ -126,7 +126,8 @@ class Dataset:
 
   def __init__(self, name: str, keys: Sequence[Any], ids: Sequence[str], labels: Sequence[str | None],
                captions: Sequence[str | None] | None = None, mpp: Sequence[float | None] | None = None,
-               classes: Sequence[str] | None = None, warnings: Sequence[str] = ()):
+               classes: Sequence[str] | None = None, warnings: Sequence[str] = (),
+               slides: Sequence[str | None] | None = None):
     n = len(keys)
     self.name = name
     self.keys = list(keys)
@@ -134,8 +135,12 @@ class Dataset:
     self.labels = list(labels)
     self.captions = list(captions) if captions is not None else [None] * n
     self.mpp = list(mpp) if mpp is not None else [None] * n
-    if not (len(self.ids) == len(self.labels) == len(self.captions) == len(self.mpp) == n):
-      raise ValueError("keys, ids, labels, captions and mpp must have the same length")
+    # The slide each example was cut from (records and slides sources; None elsewhere), so
+    # slide-level tasks can group a patch model's patch scores.
+    self.slides = list(slides) if slides is not None else [None] * n
+    if not (len(self.ids) == len(self.labels) == len(self.captions) == len(self.mpp)
+            == len(self.slides) == n):
+      raise ValueError("keys, ids, labels, captions, mpp and slides must have the same length")
     present = sorted({l for l in self.labels if l is not None})
     self.classes = list(classes) if classes is not None else present
     self.warnings = list(warnings)
@@ -161,7 +166,7 @@ class Dataset:
   def subset(self, indices) -> "Dataset":
     indices = [int(i) for i in np.asarray(indices).reshape(-1)]
     new = copy.copy(self)
-    for attr in ("keys", "ids", "labels", "captions", "mpp"):
+    for attr in ("keys", "ids", "labels", "captions", "mpp", "slides"):
       values = getattr(self, attr)
       setattr(new, attr, [values[i] for i in indices])
     return new
@@ -429,7 +434,7 @@ def records_dataset(directory: str, magnification: float | None = None,
     source, info = records.open_records(directory)
   except FileNotFoundError as e:
     raise DataError(str(e)) from e
-  keys, ids, labels, captions, mpps = [], [], [], [], []
+  keys, ids, labels, captions, mpps, slides = [], [], [], [], [], []
   excluded = 0
   for r in range(len(source)):
     bag = source.bag(r)
@@ -445,11 +450,12 @@ def records_dataset(directory: str, magnification: float | None = None,
       labels.append(label)
       captions.append(p.caption if p.has_caption else None)
       mpps.append(10.0 / p.magnification)
+      slides.append(bag.slide_id)
   if not keys:
     raise DataError(f"records:{directory}: no patches{f' at {magnification:g}x' if magnification else ''}")
   warnings = [f"records:{directory}: left out {excluded} patch(es) labelled {list(exclude)}"] if excluded else []
   ds = RecordsDataset(directory, source, os.path.basename(os.path.normpath(directory)), keys, ids, labels,
-                      captions=captions, mpp=mpps, warnings=warnings)
+                      captions=captions, mpp=mpps, warnings=warnings, slides=slides)
   ds.magnification = magnification
   return ds
 
@@ -522,7 +528,7 @@ def slides_dataset(directory: str, *, labels_file: str | None = None, ref_mag: f
                     "(JSON lines with slide, x, y, magnification, label)")
   rows = _read_manifest_rows(labels_file)
   mags = {}
-  keys, ids, labels, captions, mpps, warnings = [], [], [], [], [], []
+  keys, ids, labels, captions, mpps, warnings, slides = [], [], [], [], [], [], []
   missing, excluded = set(), 0
   for row in rows:
     mag = float(row.get("magnification") or 0)
@@ -547,6 +553,7 @@ def slides_dataset(directory: str, *, labels_file: str | None = None, ref_mag: f
     labels.append(label)
     captions.append(row.get("caption") or None)
     mpps.append(10.0 / mag)
+    slides.append(sid)
   if missing:
     warnings.append(f"slides:{directory}: no slide file for {sorted(missing)}; their lines were skipped")
   if excluded:
@@ -555,7 +562,7 @@ def slides_dataset(directory: str, *, labels_file: str | None = None, ref_mag: f
     raise DataError(f"slides:{directory}: no labelled regions at {ref_mag:g}x in {labels_file}" if ref_mag
                     else f"slides:{directory}: no labelled regions in {labels_file}")
   return SlideDataset(os.path.basename(os.path.normpath(directory)), keys, ids, labels,
-                      captions=captions, mpp=mpps, warnings=warnings)
+                      captions=captions, mpp=mpps, warnings=warnings, slides=slides)
 
 
 # ---------------------------------------------------------------------------------------

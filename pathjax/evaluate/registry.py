@@ -58,6 +58,7 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
   c.seed = 0
   c.test_fraction = 0.3
   c.labels = ""             # slide tasks: a slide -> class file (JSON, JSON lines or CSV)
+  c.topk = ()               # slide_zeroshot, patch models: top-k pooling ks (() = MI-Zero's)
   c.update(overrides)
   return c
 
@@ -143,7 +144,7 @@ def _own_data_evaluator(eval_cfg, recipe, task, kind: str, log):
   name = _get(eval_cfg, "name") or kind
   log = log or (lambda s: logging.getLogger("pathjax.evaluate").info("%s: %s", name, s))
   load, embedder = task.make_inputs(eval_cfg, recipe)
-  options = {k: _get(eval_cfg, k) for k in ("prompts", "k", "batch_size", "seed")}
+  options = {k: _get(eval_cfg, k) for k in ("prompts", "k", "batch_size", "seed", "topk")}
 
   def evaluator(params, step: int | None = None) -> dict[str, float]:
     ds, train = load()

@@ -9,6 +9,13 @@ recipe's own data.embeddings + data.reports; `labels` names a slide -> class fil
                        the ITC top-k (`rerank_k`); chance levels printed beside them.
   slide_zeroshot       zero-shot slide classification from prompts (a prompt file, or the
                        class names with CONCH's templates): AUC, balanced accuracy, ...
+                       For a patch model (predict functions "image" and "text", no "slide":
+                       MR-PLIP, a converted CLIP) MI-Zero's protocol: every patch of a slide
+                       (a records:DIR[@MAG] or slides:DIR data spec, read by
+                       pathjax.evaluate.data) is scored against the class prompts (cosine),
+                       and each class's slide score is the mean of its k largest patch scores
+                       (`topk`: MI-Zero's sweep 1, 5, 10, 50, 100 by default; every k is
+                       reported as top{k}/..., the headline metrics are the median k's).
   report_generation    (stage 2) generated reports scored with
                        pathjax.evaluate.text_metrics.score (BLEU, ROUGE-L) when that module is
                        installed, against a most-frequent-training-report baseline.
@@ -289,12 +296,122 @@ def run_report_generation(ds: SlideEvalSet, model: SlideModel, *, max_new_tokens
   return TaskResult("report_generation", metrics, preds, summary=summary)
 
 
+# ------------------------------------------------------------ patch models (MI-Zero)
+
+
+MIZERO_TOPK = (1, 5, 10, 50, 100)   # MI-Zero's top-k sweep (its run_mizero's `topj`)
+
+
+def topk_pool(scores: np.ndarray, ks: Sequence[int]) -> dict[int, np.ndarray]:
+  """MI-Zero's top-k pooling of one slide's patch scores [N, C]: per class, the mean of its
+  min(k, N) largest patch scores. Returns {k: [C]}."""
+  s = -np.sort(-np.asarray(scores, np.float32), axis=0)          # descending per class
+  return {int(k): s[:max(1, min(int(k), len(s)))].mean(axis=0) for k in ks}
+
+
+def _topk_tuple(topk) -> tuple[int, ...]:
+  ks = (topk,) if isinstance(topk, (int, np.integer)) else tuple(topk or MIZERO_TOPK)
+  if not ks or any(int(k) < 1 for k in ks):
+    raise SlideEvalError(f"slide_zeroshot: topk must be positive integers, got {topk!r}")
+  return tuple(int(k) for k in ks)
+
+
+@dataclasses.dataclass
+class SlidePatchSet:
+  """Labelled slides as their patches (a pathjax.evaluate.data Dataset with `slides`)."""
+  patches: Any
+  slide_ids: list[str]
+  labels: list[str]
+
+  def __len__(self) -> int:
+    return len(self.slide_ids)
+
+
+def patch_eval_set(dataset, labels) -> SlidePatchSet:
+  """The slides of `dataset` (patches grouped by `dataset.slides`) with their labels
+  (`labels`: a labels file or a {slide: label} mapping)."""
+  if not any(s is not None for s in dataset.slides):
+    raise SlideEvalError(f"{dataset.name}: slide_zeroshot for a patch model needs patches grouped "
+                         "by slide: use a records:DIR[@MAG] or slides:DIR data spec")
+  if not labels:
+    raise SlideEvalError("slide_zeroshot needs slide labels: give a labels file (JSON {slide: "
+                         "label}, JSON lines with slide and label, or CSV slide,label)")
+  table = read_labels(labels) if isinstance(labels, str) else dict(labels)
+  ids = sorted({s for s in dataset.slides if s is not None})
+  missing = [s for s in ids if s not in table]
+  if missing:
+    raise SlideEvalError(f"labels {labels if isinstance(labels, str) else ''} have no label for "
+                         f"{len(missing)} slide(s) of {dataset.name}, e.g. {missing[:3]}")
+  return SlidePatchSet(dataset, ids, [str(table[s]) for s in ids])
+
+
+def run_patch_zeroshot(ps: SlidePatchSet, embedder, *, prompts=None, topk=MIZERO_TOPK,
+                       batch_size: int = 64, progress=None, report=print) -> TaskResult:
+  """MI-Zero zero-shot slide classification with a patch model (pathjax.evaluate.features
+  Embedder: unit-norm image and text embeddings)."""
+  from pathjax.evaluate import features as features_lib
+  from pathjax.evaluate import prompts as prompts_lib
+  ks = _topk_tuple(topk)
+  classes = sorted(set(ps.labels))
+  p = prompts_lib.load_prompts(prompts) if prompts else prompts_lib.default_prompts(classes)
+  mapping = prompts_lib.match_labels(p, ps.labels)
+  classifier = prompts_lib.build_classifier(p, embedder.text)          # [C, E]
+  feats = features_lib.extract_features(ps.patches, embedder, batch_size=batch_size,
+                                        progress=progress, desc="embed slide patches", report=report)
+  scores = feats.embeddings @ classifier.T                            # [patches, C] cosine
+  rows: dict[str, list[int]] = {}
+  for row, i in enumerate(feats.indices):
+    rows.setdefault(ps.patches.slides[int(i)], []).append(row)
+  kept = [j for j, s in enumerate(ps.slide_ids) if s in rows]
+  lost = [s for s in ps.slide_ids if s not in rows]
+  if lost:
+    report(f"warning: {len(lost)} slide(s) have no readable patch and are left out: {lost[:5]}")
+  if not kept:
+    raise SlideEvalError(f"{ps.patches.name}: no slide has a readable patch")
+  pooled = [topk_pool(scores[rows[ps.slide_ids[j]]], ks) for j in kept]
+  index = {c: i for i, c in enumerate(p.classes)}
+  y = np.array([index[mapping[ps.labels[j]]] for j in kept])
+  counts = np.bincount(y, minlength=len(p.classes))
+  headline = sorted(ks)[len(ks) // 2]
+  m: dict[str, Any] = {}
+  for k in ks:
+    slide_scores = np.stack([q[k] for q in pooled])                   # [slides, C]
+    m[f"top{k}"] = metrics_lib.classification_metrics(y, metrics_lib.softmax(slide_scores * 100.0))
+  m.update(m[f"top{headline}"])
+  m.update(topk=float(headline), num_slides=float(len(kept)), num_patches=float(len(feats)),
+           chance_balanced_accuracy=1.0 / len(p.classes), chance_auc=0.5,
+           majority_accuracy=float(counts.max() / counts.sum()))
+  table = format_table([{"k": k, "auc": m[f"top{k}"]["auc"],
+                         "balanced_accuracy": m[f"top{k}"]["balanced_accuracy"]} for k in ks],
+                       ["k", "auc", "balanced_accuracy"])
+  summary = (f"zero-shot slide classification (MI-Zero top-k pooling of {len(feats)} patch "
+             f"scores), {len(kept)} slides, {len(p.classes)} classes: AUC {m['auc']:.4f} "
+             f"(chance 0.5), balanced accuracy {m['balanced_accuracy']:.4f} (chance "
+             f"{1.0 / len(p.classes):.4f}) at k={headline}\n{table}")
+  report(summary)
+  head = np.stack([q[headline] for q in pooled])
+  preds = [{"slide": ps.slide_ids[j], "label": ps.labels[j],
+            "pred": p.classes[int(np.argmax(head[r]))],
+            **{f"score_{c}": float(head[r, ci]) for ci, c in enumerate(p.classes)}}
+           for r, j in enumerate(kept)]
+  return TaskResult("slide_zeroshot", m, preds, summary=summary)
+
+
 # --------------------------------------------------------------- registry / training
 
 
 def make_inputs(eval_cfg, recipe):
-  """(load() -> (SlideEvalSet, None), embedder(params) -> SlideModel) for the registry."""
+  """(load() -> (SlideEvalSet, None), embedder(params) -> SlideModel) for the registry; for
+  a patch model (no "slide" predict function) (load() -> (SlidePatchSet, None),
+  embedder(params) -> a features Embedder) over the data spec `data`."""
   get = lambda k, d=None: eval_cfg.get(k, d) if hasattr(eval_cfg, "get") else getattr(eval_cfg, k, d)
+  provided = set(recipe.predict_fns(None))
+  if "slide" not in provided:
+    if not {"image", "text"} <= provided:
+      raise SlideEvalError(f"slide tasks need predict functions 'slide' and 'text' (a slide "
+                           f"model) or 'image' and 'text' (a patch model); the recipe provides "
+                           f"{sorted(provided)}")
+    return _patch_inputs(eval_cfg, recipe, get)
   split = get("data", "") or "heldout"
   if split not in ("heldout", "train", "all"):
     raise SlideEvalError(f"evals: a slide task's data is the recipe's split: heldout, train or "
@@ -316,16 +433,41 @@ def make_inputs(eval_cfg, recipe):
   return load, embedder
 
 
+def _patch_inputs(eval_cfg, recipe, get):
+  from pathjax.evaluate import data as data_lib
+  from pathjax.evaluate.registry import recipe_embedder
+  spec, labels = get("data", "") or "", get("labels", "") or ""
+  if not spec or spec in ("heldout", "train", "all"):
+    raise SlideEvalError(f"evals: slide_zeroshot for a patch model reads patches: set `data` to a "
+                         f"records:DIR[@MAG] or slides:DIR spec (got {spec!r}) and `labels` to a "
+                         "slide -> class file")
+  cache = {}
+  make = recipe_embedder(recipe)
+
+  def load():
+    if "ds" not in cache:
+      cache["ds"] = patch_eval_set(data_lib.load_dataset(spec), labels)
+    return cache["ds"], None
+  return load, make
+
+
 @register_task("slide_retrieval", needs=("slide", "text", "itm"), per_magnification=False,
                make_inputs=make_inputs)
 def _slide_retrieval(dataset, embedder, *, k=10, report=print, **unused):
   return run_retrieval(dataset, embedder, rerank_k=int(k or 10), report=report)
 
 
-@register_task("slide_zeroshot", needs=("slide", "text"), per_magnification=False,
+# needs "text" only: a slide model adds "slide", a patch model "image" (make_inputs checks).
+@register_task("slide_zeroshot", needs=("text",), per_magnification=False,
                make_inputs=make_inputs)
-def _slide_zeroshot(dataset, embedder, *, prompts=None, report=print, **unused):
-  return run_zeroshot(dataset, embedder, prompts=prompts, report=report)
+def _slide_zeroshot(dataset, embedder, *, prompts=None, labels=None, topk=None, batch_size=64,
+                    progress=None, report=print, **unused):
+  if isinstance(dataset, SlideEvalSet):
+    return run_zeroshot(dataset, embedder, prompts=prompts, report=report)
+  if not isinstance(dataset, SlidePatchSet):   # `pathjax eval --data SPEC --labels FILE`
+    dataset = patch_eval_set(dataset, labels)
+  return run_patch_zeroshot(dataset, embedder, prompts=prompts, topk=topk or MIZERO_TOPK,
+                            batch_size=int(batch_size or 64), progress=progress, report=report)
 
 
 @register_task("report_generation", needs=("slide", "generate"), per_magnification=False,

@@ -1,6 +1,9 @@
 """`config.input`: the fields of the training input pipeline (pathjax.input.pipeline).
 
 Kept apart from the pipeline so config files import no data-loading code (grain, records).
+The global batch is not here: it is the top-level `config.batch_size`, the one batch-size
+field every consumer reads (a config that still sets `input.global_batch_size` is refused by
+pathjax.config_lib, naming `batch_size`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ def default_input_config() -> ml_collections.ConfigDict:
   """`config.input` of a recipe config (every field is an override: --config.input.X=...)."""
   c = ml_collections.ConfigDict()
   c.records_dir = ""            # a finished `pathjax tile` output
-  c.global_batch_size = 64      # examples (bags) per step over all hosts
   c.levels = None               # tree levels to emit (0 = root / lowest magnification); None = all
   c.image_size = 0              # 0: the records' patch size; else resize to this
   c.sampling = "chain"          # 'chain' (1 patch per level) | 'children' | 'all' (full bag)

@@ -20,7 +20,8 @@ A Grain `MapDataset` over a virtual index stream, so every example is a pure fun
 * Shuffling: a fresh permutation of all N records per epoch, global across hosts (the
   shuffle happens before the split), seeded by (seed, epoch).
 * Epochs: `num_epochs=None` repeats forever; batches run across epoch boundaries.
-* Per-host batch = global_batch_size / process_count, drop_remainder.
+* Per-host batch = batch_size / process_count, drop_remainder (`batch_size` is the global
+  batch, the config's top-level `batch_size`).
 * Workers: `worker_count > 0` runs the pipeline in Grain worker processes (`mp_prefetch`);
   the batches are identical to `worker_count = 0`.
 * State: the returned object is Grain's `DatasetIterator`: `it.get_state()` (a small JSON-able
@@ -319,22 +320,29 @@ def _per_host_batch(global_batch: int, process_count: int) -> int:
   return global_batch // process_count
 
 
-def make_train_dataset(config, *, tokenizer=None, process_index=None, process_count=None,
-                       seed=None, worker_count=None) -> grain.IterDataset:
-  """The training IterDataset (see the module docstring); `iter()` it to get batches."""
+def _check_input_config(config) -> None:
+  from pathjax.config_lib import check_renamed
+  check_renamed(config, "input")
+
+
+def make_train_dataset(config, *, batch_size: int, tokenizer=None, process_index=None,
+                       process_count=None, seed=None, worker_count=None) -> grain.IterDataset:
+  """The training IterDataset (see the module docstring); `iter()` it to get batches.
+  `batch_size`: the global batch (all hosts)."""
+  _check_input_config(config)
   process_index, process_count = resolve_process(process_index, process_count)
   seed = int(config.get("seed", 0) if seed is None else seed)
   source, _ = records_lib.open_records(config.records_dir)
-  batch = _per_host_batch(int(config.global_batch_size), process_count)
+  batch = _per_host_batch(int(batch_size), process_count)
   plan = ShardPlan(len(source), process_index, process_count,
                    shuffle=bool(config.get("shuffle", True)), seed=seed, block=batch)
   num_epochs = config.get("num_epochs")
   # Whole global batches only: the last partial one of the final epoch is dropped.
   length = (sys.maxsize if num_epochs is None else
-            len(source) * int(num_epochs) // int(config.global_batch_size) * batch)
+            len(source) * int(num_epochs) // int(batch_size) * batch)
   if length < batch:
     raise ValueError(f"{len(source)} records x {num_epochs} epochs cannot fill one global "
-                     f"batch of {config.global_batch_size}")
+                     f"batch of {batch_size}")
   examples = BagExamples(source, plan, _spec(config, seed), train=True)
   text = _as_text_tokenizer(tokenizer, config)
   ds = grain.MapDataset.range(length).map(examples)
@@ -348,15 +356,17 @@ def _drop_valid(batch):
   return batch
 
 
-def make_train_iterator(config, *, tokenizer=None, process_index=None, process_count=None,
-                        seed=None, worker_count=None) -> grain.DatasetIterator:
+def make_train_iterator(config, *, batch_size: int, tokenizer=None, process_index=None,
+                        process_count=None, seed=None, worker_count=None) -> grain.DatasetIterator:
   """Iterator of per-host training batches; has get_state()/set_state() (module docstring).
 
-  `config` is `config.input` (default_input_config()). `tokenizer`: a TextTokenizer, a
+  `config` is `config.input` (default_input_config()); `batch_size` the global batch (the
+  config's top-level `batch_size`), split over processes. `tokenizer`: a TextTokenizer, a
   transformers tokenizer, a directory, or None for `config.tokenizer` (no text ids if empty).
   `process_index/process_count` default to jax's; pass them to simulate hosts.
   """
-  return iter(make_train_dataset(config, tokenizer=tokenizer, process_index=process_index,
+  return iter(make_train_dataset(config, batch_size=batch_size, tokenizer=tokenizer,
+                                 process_index=process_index,
                                  process_count=process_count, seed=seed,
                                  worker_count=worker_count))
 
@@ -368,16 +378,18 @@ def make_eval_iterator(config, *, tokenizer=None, records_dir=None, batch_size=N
   Each host gets ceil(N / P) positions (host p: records p, p+P, ...); `valid` [B] marks
   real examples (padding repeats a real record with valid=False). The sampled patches and
   keywords are fixed per record (seeded by config.seed). `batch_size` is per host; the
-  default is config.eval_batch_size / process_count.
+  default is config.eval_batch_size / process_count (one of the two must be given).
   """
+  _check_input_config(config)
   process_index, process_count = resolve_process(process_index, process_count)
   source, _ = records_lib.open_records(records_dir or config.get("eval_records_dir")
                                        or config.records_dir)
   plan = ShardPlan(len(source), process_index, process_count, shuffle=False,
                    seed=int(config.get("seed", 0)), pad=True)
   if batch_size is None:
-    batch_size = _per_host_batch(int(config.get("eval_batch_size", config.global_batch_size)),
-                                 process_count)
+    if not config.get("eval_batch_size"):
+      raise ValueError("make_eval_iterator needs batch_size (per host) or config.eval_batch_size")
+    batch_size = _per_host_batch(int(config.eval_batch_size), process_count)
   num_batches = -(-plan.per_epoch // batch_size)
   examples = BagExamples(source, plan, _spec(config, config.get("seed", 0)), train=False)
   text = _as_text_tokenizer(tokenizer, config)
@@ -400,14 +412,14 @@ class _PadTo:
     return example
 
 
-def batches_per_epoch(config, process_count: int | None = None) -> int:
-  """Training steps per epoch (per host), for schedules."""
+def batches_per_epoch(config, batch_size: int, process_count: int | None = None) -> int:
+  """Training steps per epoch (global batches of `batch_size`), for schedules."""
   if process_count is None:
     import jax
     process_count = jax.process_count()
   source, _ = records_lib.open_records(config.records_dir)
-  _per_host_batch(int(config.global_batch_size), process_count)  # checks divisibility
-  return len(source) // int(config.global_batch_size)
+  _per_host_batch(int(batch_size), process_count)  # checks divisibility
+  return len(source) // int(batch_size)
 
 
 def batch_shapes(config, global_batch_size: int) -> dict[str, "jax.ShapeDtypeStruct"]:

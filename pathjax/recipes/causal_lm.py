@@ -43,13 +43,13 @@ from functools import cached_property
 from typing import Any
 
 import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from pathjax.config_lib import ConfigError
+from pathjax.input import in_memory
 from pathjax.models import llm as llm_lib
 from pathjax.models import lora as lora_lib
 
@@ -154,19 +154,6 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
   return loss, {"loss": loss, "token_accuracy": jnp.sum(correct * w) / jnp.maximum(count, 1.0),
                 "tokens": count}
-
-
-class _Rows:
-  """Random access over equally long numpy arrays (a Grain data source)."""
-
-  def __init__(self, arrays: dict[str, np.ndarray]):
-    self.arrays = arrays
-
-  def __len__(self):
-    return len(next(iter(self.arrays.values())))
-
-  def __getitem__(self, index):
-    return {k: v[index] for k, v in self.arrays.items()}
 
 
 @dataclasses.dataclass
@@ -293,15 +280,9 @@ class CausalLMRecipe:
     return make_examples(seqs, int(d.seq_len), self.pad_id, bool(d.packing))
 
   def train_iterator(self, process_index, process_count):
-    if self.config.batch_size % process_count:
-      raise ConfigError(f"batch_size {self.config.batch_size} is not divisible by "
-                        f"{process_count} processes")
-    ds = (grain.MapDataset.source(_Rows(self.examples()))
-          .shuffle(seed=self.config.seed)
-          .repeat(None)
-          [process_index::process_count]
-          .batch(self.config.batch_size // process_count, drop_remainder=True))
-    return iter(ds.to_iter_dataset())
+    return in_memory.batches(self.examples(), seed=self.config.seed,
+                             batch_size=self.config.batch_size,
+                             process_index=process_index, process_count=process_count)
 
   def load_pretrained(self, abstract, wanted):
     """The base weights from `model.init_dir`, streamed into their shardings."""

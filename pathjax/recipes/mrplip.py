@@ -270,7 +270,8 @@ class MRPLIPRecipe:
 
   def train_iterator(self, process_index: int, process_count: int):
     from pathjax.input import pipeline
-    return pipeline.make_train_iterator(self.config.input, process_index=process_index,
+    return pipeline.make_train_iterator(self.config.input, batch_size=self.config.batch_size,
+                                        process_index=process_index,
                                         process_count=process_count, seed=self.config.seed)
 
   def loss(self, params, batch, rng, train: bool = True):

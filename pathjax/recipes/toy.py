@@ -13,11 +13,11 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pathjax.input import in_memory
 from pathjax.models.layers import constrain, dense, layer_norm
 
 
@@ -36,19 +36,6 @@ class ToyMLP(nn.Module):
     h = layer_norm(name="norm", eps=1e-6, **kw)(h)
     features = dense(self.hidden, ("mlp", "embed"), name="proj", **kw)(h)
     return dense(self.out_dim, ("embed", "classes"), name="head", **kw)(features), features
-
-
-class _Arrays:
-  """Random access over a dict of equally long numpy arrays (a Grain data source)."""
-
-  def __init__(self, arrays: dict[str, np.ndarray]):
-    self.arrays = arrays
-
-  def __len__(self):
-    return len(next(iter(self.arrays.values())))
-
-  def __getitem__(self, index):
-    return {k: v[index] for k, v in self.arrays.items()}
 
 
 def synthetic_data(config) -> dict[str, np.ndarray]:
@@ -88,15 +75,9 @@ class ToyRecipe:
             "y": jax.ShapeDtypeStruct((global_batch_size, m.out_dim), jnp.float32)}
 
   def train_iterator(self, process_index, process_count):
-    if self.config.batch_size % process_count:
-      raise ValueError(f"batch_size {self.config.batch_size} is not divisible by "
-                       f"{process_count} processes")
-    ds = (grain.MapDataset.source(_Arrays(synthetic_data(self.config)))
-          .shuffle(seed=self.config.seed)   # a new permutation every epoch
-          .repeat(None)
-          [process_index::process_count]    # this host's share of every global batch
-          .batch(self.config.batch_size // process_count, drop_remainder=True))
-    return iter(ds.to_iter_dataset())
+    return in_memory.batches(synthetic_data(self.config), seed=self.config.seed,
+                             batch_size=self.config.batch_size,
+                             process_index=process_index, process_count=process_count)
 
   def predict_fns(self, params):
     return {"features": lambda x: self.model.apply({"params": params}, x)[1]}
