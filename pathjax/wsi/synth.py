@@ -492,6 +492,18 @@ def slide_report_text(fractions: Mapping[str, float], rng, style: int | None = N
   return text[0].upper() + text[1:]
 
 
+def dominant_class_named(report: str, classes: Sequence[str] = TISSUE_CLASSES) -> str | None:
+  """The class a synthetic report says dominates: the first class it names (every phrasing of
+  `slide_report_text` names the dominant class first), or None if it names none."""
+  text = report.lower()
+  found = [(text.find(_REPORT_NAMES[c]), c) for c in classes if _REPORT_NAMES[c] in text]
+  return min(found)[1] if found else None
+
+
+def dominant_class(fractions: Mapping[str, float]) -> str | None:
+  return max(fractions, key=fractions.get) if fractions else None
+
+
 def slide_reports(slides: Sequence["SynthSlide"], *, seed: int = 0, parts_per_case: int = 1,
                   classes: Sequence[str] = TISSUE_CLASSES) -> list[dict]:
   """Report lines {"slide", "report"[, "part"]} for synthetic slides.
