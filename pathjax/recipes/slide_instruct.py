@@ -533,5 +533,46 @@ class SlideInstructRecipe:
     return {"towers": towers, "tokenizer_dir": self.tokenizer_dir, "extra_meta": extra}
 
 
+def load_chat_model(directory: str, *, embeddings: str | None = None,
+                    max_patches: int | None = None) -> tuple[SlideInstructRecipe, dict]:
+  """(recipe, params) of an export of this recipe, for answering questions: the encoder from
+  its encoder_dir, the LLM from the export (adapters merged) or its llm_dir, the projector
+  from the export. `embeddings` replaces the training config's data.embeddings."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from pathjax.models import model_dir
+  try:
+    meta = model_dir.read_model_json(directory)
+  except model_dir.ModelDirError as e:
+    raise ConfigError(str(e)) from None
+  info = meta.get("slide_instruct")
+  if not info or "projector" not in meta["towers"] or "train_config" not in meta:
+    raise ConfigError(f"{directory} is not a slide chat model (it has no encoder and projector; "
+                      f"towers: {', '.join(meta['towers'])}): train one with "
+                      "configs/pathflip_instruct.py and --config.export_model=True")
+  config = ml_collections.ConfigDict(meta["train_config"])
+  config.evals = []
+  config.model.encoder_dir = info["encoder_dir"]
+  if "llm" in meta["towers"]:   # stage 2: the LLM with its adapters merged
+    config.model.llm_dir, config.model.lora.rank = os.path.abspath(directory), 0
+  else:
+    config.model.llm_dir = info["llm_dir"]
+  config.model.init_dir = os.path.abspath(directory)
+  config.data.instructions = ""
+  if embeddings:
+    config.data.embeddings = embeddings
+  if max_patches:
+    config.data.max_patches = int(max_patches)
+  recipe = make_recipe(config)
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  rep = NamedSharding(mesh, PartitionSpec())
+  shapes = jax.eval_shape(lambda k: nn.unbox(recipe.init(k, None)), jax.random.key(0))
+  abstract = {p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep) for p, x in _flat(shapes).items()}
+  loaded = recipe.load_pretrained(abstract, set(abstract))
+  missing = sorted(set(abstract) - set(loaded))
+  if missing:
+    raise ConfigError(f"{directory}: parameters not found in its model directories: {missing[:6]}")
+  return recipe, _unflat(loaded)
+
+
 def make_recipe(config, mesh=None) -> SlideInstructRecipe:
   return SlideInstructRecipe(config, mesh)
