@@ -127,7 +127,13 @@ class FrozenEncoder:
 
   def init(self, rng) -> dict:
     """The encoder's (boxed) parameters under its exported towers."""
-    tree = self.recipe.init(rng, self.recipe.example_batch(1))
+    try:
+      batch = self.recipe.example_batch(1)
+    except (ConfigError, OSError, ValueError):
+      # The encoder's training data (paths in its stored config, possibly relative to where
+      # it was trained) need not exist here; recipes whose init ignores the batch still build.
+      batch = None
+    tree = self.recipe.init(rng, batch)
     missing = [t for t in self.towers if t not in tree]
     if missing:
       raise ConfigError(f"{self.directory}: towers {missing} are not parameter groups of recipe "
@@ -482,12 +488,14 @@ class SlideInstructRecipe:
     from pathjax.generate import Generator
     from pathjax.models.llm import LLM
     cache = self.__dict__.setdefault("_gen", {})
-    if cache.get("params") is not params:
+    if "gen" not in cache:  # one Generator (its jitted steps take the params as an argument)
       gen = self.llm_meta.get("generation", {})
       module = LLM(**self.llm_fields, dtype=self.compute_dtype, param_dtype=self.param_dtype)
-      cache.update(params=params, gen=Generator(module, self.llm_params(params),
-                                                eos_ids=[self.chat.eos_id], pad_id=self.chat.pad_id,
-                                                max_length=gen.get("max_length"), bucket=16))
+      cache["gen"] = Generator(module, None, eos_ids=[self.chat.eos_id], pad_id=self.chat.pad_id,
+                               max_length=gen.get("max_length"), bucket=16)
+    if cache.get("params") is not params:
+      cache["params"] = params
+      cache["gen"].params = self.llm_params(params)
     return cache["gen"]
 
   def answer(self, params, features, coords, mask, conversations: Sequence[Sequence[dict]], *,
