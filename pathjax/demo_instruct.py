@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 
-INSTRUCT_DEFAULTS = dict(stage1_steps=60, stage2_steps=240, train_mcq=9, heldout_mcq=6)
+INSTRUCT_DEFAULTS = dict(stage1_steps=30, stage2_steps=150, train_mcq=9, heldout_mcq=6)
 
 
 def _step(title: str) -> float:
@@ -75,7 +75,7 @@ def run(out: str, *, encoder_dir: str, pathalign_root: str | None = None, llm_di
   embeddings and report LLM of the PathAlign part."""
   from pathjax import train as train_lib
   from pathjax.demo_pathalign import HELDOUT_PREFIX
-  from pathjax.evaluate.instruct import SlideChatModel, run_vqa
+  from pathjax.evaluate.instruct import SlideChatModel, probe_visual_tokens, run_vqa
   from pathjax.input import instructions as inst
   from pathjax.metrics_log import read_metrics
   from pathjax.recipes.base import make_recipe
@@ -120,6 +120,12 @@ def run(out: str, *, encoder_dir: str, pathalign_root: str | None = None, llm_di
   held = recipe.records("heldout", tasks=("mcq",))
   vqa_file = os.path.join(stage2, "vqa.json")
 
+  def dominant(split):
+    from pathjax.wsi import synth
+    truth = synth.read_truth(os.path.join(pa, "slides", split, synth.TRUTH_NAME))
+    have = set(recipe.embeddings.slide_ids)
+    return {s: max(t.fractions, key=t.fractions.get) for s, t in truth.items() if s in have}
+
   def evaluate(params, step):
     model = SlideChatModel(recipe, params, batch_size=32)
     res = run_vqa(held, model, report=lambda s: print("   " + s, flush=True))
@@ -129,8 +135,13 @@ def run(out: str, *, encoder_dir: str, pathalign_root: str | None = None, llm_di
             "answer": model.answer([sid], [q], max_new_tokens=32)[0],
             "mcq": held[0]["messages"][0]["content"], "mcq_answer": res.predictions[0]["generated"],
             "mcq_gold": held[0]["answer"]}
+    # Why (not): is the dominant tissue recoverable from the visual tokens at all?
+    probe = probe_visual_tokens(model, dominant("train"), dominant("heldout"))
+    print(f"   linear probe for the dominant tissue on the visual tokens ({int(probe['n_train'])} "
+          f"training -> {int(probe['n_test'])} held-out slides): accuracy {probe['accuracy']:.2f}, "
+          f"majority class {probe['majority']:.2f}", flush=True)
     with open(vqa_file, "w", encoding="utf-8") as f:
-      json.dump({"metrics": res.metrics, "chat": chat}, f, indent=2)
+      json.dump({"metrics": res.metrics, "chat": chat, "probe": probe}, f, indent=2)
     return {k: v for k, v in res.metrics.items() if isinstance(v, float)}
 
   train_lib.train(config, stage2, recipe=recipe,
@@ -140,7 +151,7 @@ def run(out: str, *, encoder_dir: str, pathalign_root: str | None = None, llm_di
   if os.path.exists(vqa_file):
     with open(vqa_file, encoding="utf-8") as f:
       saved = json.load(f)
-    results["vqa"], results["chat"] = saved["metrics"], saved["chat"]
+    results["vqa"], results["chat"], results["probe"] = saved["metrics"], saved["chat"], saved["probe"]
   _done(t0)
   return results
 
@@ -154,6 +165,11 @@ def print_summary(results: dict) -> None:
                       if k.startswith("accuracy_"))
     print(f"  multiple-choice VQA accuracy {acc:.3f} over {int(v['n'])} questions; chance "
           f"{chance:.2f} ({acc / chance:.1f}x chance; {kinds})")
+  p = results.get("probe")
+  if p:
+    print(f"  dominant tissue from the visual tokens by a linear probe: {p['accuracy']:.2f} on "
+          f"{int(p['n_test'])} held-out slides (majority class {p['majority']:.2f}): what the "
+          "encoder passes to the LLM bounds the dominant-tissue questions")
   c = results.get("chat")
   if c:
     print(f"  chat, slide {c['slide']}: Q: {c['question']}\n    A: {c['answer']}")

@@ -65,10 +65,14 @@ def test_synthetic_instructions_are_deterministic_and_correct(tmp_path):
 
 
 def test_synth_slides_directory_instructions(tmp_path):
+  from pathjax import cli
   from pathjax.wsi import synth
-  synth.write_synthetic_slides(str(tmp_path), 2, seed=1, size=768, magnifications=(10,))
-  path = inst.write_synthetic_instructions(str(tmp_path), seed=0)
+  assert cli.main(["synth-slides", "--out", str(tmp_path), "--n", "2", "--seed", "1", "--size", "768",
+                   "--magnifications", "10", "--instructions"]) == 0
+  path = str(tmp_path / "instructions.jsonl")
   rows = inst.read_instructions(path)
+  assert open(path).read() == open(inst.write_synthetic_instructions(
+      str(tmp_path), str(tmp_path / "again.jsonl"), seed=1)).read()      # deterministic
   truth = synth.read_truth(os.path.join(tmp_path, synth.TRUTH_NAME))
   assert {r["slide"] for r in rows} == set(truth)
   dom = [r for r in rows if r["task"] == "mcq" and "dominates" in r["messages"][0]["content"]]

@@ -71,7 +71,7 @@ def run_vqa(records: list[dict], model: SlideChatModel, *, report=print) -> Task
   for k in sorted(set(kinds)):
     sel = np.array([x == k for x in kinds])
     metrics[f"accuracy_{k}"] = float(hit[sel].mean())
-  summary = (f"multiple-choice VQA over {len(records)} held-out questions: accuracy "
+  summary = (f"multiple-choice VQA over {len(records)} questions: accuracy "
              f"{metrics['accuracy']:.3f} (chance {chance:.3f}); "
              + ", ".join(f"{k} {metrics[f'accuracy_{k}']:.2f}" for k in sorted(set(kinds)))
              + f"; unparsed answers {metrics['unparsed']:.2f}")
@@ -145,3 +145,33 @@ def _slide_vqa(dataset, model, *, report=print, **unused):
 def _slide_caption(dataset, model, *, report=print, **unused):
   records, train = dataset
   return run_caption(records, model, train_texts=train, report=report)
+
+
+def probe_visual_tokens(model: SlideChatModel, train: dict[str, str], test: dict[str, str], *,
+                        C: float = 1.0) -> dict[str, float]:
+  """Is a slide label ({slide: label}, e.g. its dominant tissue) recoverable from the frozen
+  encoder's visual tokens? A standardised logistic-regression probe on the flattened tokens
+  of the `train` slides, scored on the `test` slides, next to the majority-label rate: the
+  ceiling of what the LLM can read from the image for that question."""
+  import jax
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.pipeline import make_pipeline
+  from sklearn.preprocessing import StandardScaler
+  recipe = model.recipe
+  fn = jax.jit(lambda p, f, c, m: recipe.encoder.visual_tokens(p, f, c, m)[0])
+
+  def feats(slides):
+    rows = []
+    for s in slides:
+      a = model._slide(s)
+      rows.append(np.asarray(fn(model.params["encoder"], a["features"][None], a["coords"][None],
+                                a["patch_mask"][None]))[0].reshape(-1))
+    return np.stack(rows)
+  tr, te = sorted(train), sorted(test)
+  ytr, yte = np.array([train[s] for s in tr]), np.array([test[s] for s in te])
+  clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+  clf.fit(feats(tr), ytr)
+  values, counts = np.unique(ytr, return_counts=True)
+  return {"accuracy": float(np.mean(clf.predict(feats(te)) == yte)),
+          "majority": float(np.mean(yte == values[counts.argmax()])),
+          "n_train": float(len(tr)), "n_test": float(len(te))}
