@@ -369,3 +369,19 @@ def test_chat_cli_end_to_end(paths, tmp_path):
   assert out.returncode == 2 and "no-such-slide" in out.stderr and "Traceback" not in out.stderr
   out = _pathjax("chat", "--model", paths["llm"], "--slide", slide, "--question", "hi")
   assert out.returncode == 2 and "not a slide chat model" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_lora_dropout_runs_through_the_scanned_llm(paths):
+  """LoRA dropout needs a per-layer rng inside the LLM's nn.scan (split_rngs "dropout")."""
+  r = make_recipe(IH.config(paths, "instruct_stage2,smoke", **{"model.lora.dropout": 0.5}))
+  batch = next(r.train_iterator(0, 1))
+  flat = _flat(_params(r))
+  rng = np.random.default_rng(0)
+  for k in flat:
+    if k.endswith("lora_b"):
+      flat[k] = jnp.asarray(rng.normal(0, 0.05, flat[k].shape), flat[k].dtype)
+  params = _unflat(flat)
+  fn = jax.jit(lambda p, k, train: r.loss(p, batch, k, train)[0], static_argnums=2)
+  a, b = fn(params, jax.random.key(1), True), fn(params, jax.random.key(2), True)
+  c, d = fn(params, jax.random.key(1), False), fn(params, jax.random.key(2), False)
+  assert float(a) != float(b) and float(c) == float(d)
