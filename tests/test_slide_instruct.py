@@ -175,9 +175,13 @@ def test_splice_places_visual_tokens_exactly_at_the_image_slot():
 def test_recipe_batch_and_loss_on_assistant_tokens(paths):
   r = make_recipe(IH.config(paths))
   assert r.visual_shape() == (8, 64)                   # PathAlign smoke: 8 queries of width 64
+  params = _params(r)
+  f = np.zeros((2, 24, 32), np.float32)
+  tok, tmask = jax.jit(lambda p: r.predict_fns(p)["visual_tokens"](
+      f, np.zeros((2, 24, 2), np.int32), np.ones((2, 24), bool)))(params)
+  assert tok.shape == (2, 8, 64) and tok.dtype == jnp.float32 and bool(tmask.all())
   batch = next(r.train_iterator(0, 1))
   assert {x["task"] for x in r.records("train")} == {"caption"}       # stage 1: captions
-  params = _params(r)
   embeds, mask, out_ids, w = jax.jit(lambda p, b: r.inputs(p, b))(params, batch)
   assert embeds.shape == (8, 96 - 1 + 8, 64)
   # Targets in the spliced sequence are the batch's targets, shifted past the visual tokens.
