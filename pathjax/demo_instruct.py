@@ -139,7 +139,7 @@ def run(out: str, *, encoder_dir: str, pathalign_root: str | None = None, llm_di
     probe = probe_visual_tokens(model, dominant("train"), dominant("heldout"))
     print(f"   linear probe for the dominant tissue on the visual tokens ({int(probe['n_train'])} "
           f"training -> {int(probe['n_test'])} held-out slides): accuracy {probe['accuracy']:.2f}, "
-          f"majority class {probe['majority']:.2f}", flush=True)
+          f"chance {probe['chance']:.2f}, training-majority class {probe['majority']:.2f}", flush=True)
     with open(vqa_file, "w", encoding="utf-8") as f:
       json.dump({"metrics": res.metrics, "chat": chat, "probe": probe}, f, indent=2)
     return {k: v for k, v in res.metrics.items() if isinstance(v, float)}
@@ -168,7 +168,8 @@ def print_summary(results: dict) -> None:
   p = results.get("probe")
   if p:
     print(f"  dominant tissue from the visual tokens by a linear probe: {p['accuracy']:.2f} on "
-          f"{int(p['n_test'])} held-out slides (majority class {p['majority']:.2f}): what the "
+          f"{int(p['n_test'])} held-out slides (chance {p['chance']:.2f}, training-majority class "
+          f"{p['majority']:.2f}): what the "
           "encoder passes to the LLM bounds the dominant-tissue questions")
   c = results.get("chat")
   if c:

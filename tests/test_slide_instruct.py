@@ -119,7 +119,7 @@ def test_loss_mask_covers_assistant_tokens_only(paths):
   if cur:
     runs.append(cur)
   eos = tok.eos_token
-  assert [tok.decode(r) for r in runs] == [f"tumor{eos}\n", f"stroma and fat{eos}\n"]
+  assert [tok.decode(r) for r in runs] == [f"tumor{eos}", f"stroma and fat{eos}"]
   # Everything else (system, user turns, role headers) is context, and the image slot holds pad.
   context = tok.decode([int(i) for i, t in zip(ids, tgt) if not t])
   assert "You are a pathologist." in context and "And the second?" in context

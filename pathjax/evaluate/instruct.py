@@ -174,4 +174,5 @@ def probe_visual_tokens(model: SlideChatModel, train: dict[str, str], test: dict
   values, counts = np.unique(ytr, return_counts=True)
   return {"accuracy": float(np.mean(clf.predict(feats(te)) == yte)),
           "majority": float(np.mean(yte == values[counts.argmax()])),
+          "chance": 1.0 / len(values),
           "n_train": float(len(tr)), "n_test": float(len(te))}

@@ -41,10 +41,13 @@ IMAGE = "<image>"
 TASKS = ("caption", "mcq", "open", "chat")
 LETTERS = "ABCD"
 # A ChatML-style template for tokenizers that have none (the demo's tiny report LLM). The
-# tokenizer's eos closes every turn, so generation stops on it; `<|im_start|>` is plain text.
+# tokenizer's eos closes every turn, so generation stops on it, and the newline between turns
+# opens the next turn: an assistant turn's targets end at eos (a base LM's hidden state after
+# eos is one it was never trained to continue from). `<|im_start|>` is plain text.
 CHATML_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-    "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "{{ bos_token }}{% for m in messages %}{% if not loop.first %}\n{% endif %}<|im_start|>"
+    "{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}{% if messages %}\n{% endif %}<|im_start|>assistant\n{% endif %}")
 SHARE_BINS = ("under 10%", "10 to 25%", "25 to 50%", "over 50%")
 
 _CAPTION_ASKS = ("Describe this slide.", "Write the pathology report for this slide.",
