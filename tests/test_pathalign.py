@@ -135,10 +135,10 @@ def test_predict_fn_keys():
   from train_helpers import ROOT
   path = os.path.join(ROOT, "configs", "pathalign.py")
   s1 = make_recipe(load_config_file(path + ":stage1"))
-  assert set(s1.predict_fns(None)) == {"slide", "text", "itm"}
+  assert set(s1.predict_fns(None)) == {"slide", "text", "itm", "visual_tokens"}
   assert s1.frozen_patterns() == ()
   s2 = make_recipe(load_config_file(path + ":stage2"))
-  assert set(s2.predict_fns(None)) == {"slide", "text", "itm", "generate"}
+  assert set(s2.predict_fns(None)) == {"slide", "text", "itm", "visual_tokens", "generate"}
   assert s2.frozen_patterns() == (r"llm/.*",)
   shapes = s2.example_batch(4)
   assert shapes["features"].shape == (4, 10_240, 384) and shapes["llm_ids"].shape == (4, 64)

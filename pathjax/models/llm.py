@@ -217,7 +217,8 @@ class LLM(nn.Module):
                            prevent_cse=not self.scan)
     layer_cache = None if cache is None else (cache["k"], cache["v"])
     if self.scan:
-      stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+      stack = nn.scan(block_cls, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True},  # LoRA dropout per layer
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       x, layer_cache = stack(**block, name="layers")(x, layer_cache, attention_mask, rope,

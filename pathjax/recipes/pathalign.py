@@ -594,7 +594,13 @@ class PathAlignRecipe:
       logits = q("itm_logits", q("multimodal_pass", kv, jnp.asarray(ids, jnp.int32), text_mask))
       return jax.nn.softmax(logits, axis=-1)[:, 1]
 
-    fns = {"slide": slide, "text": text, "itm": itm}
+    def visual_tokens(features, coords, mask):
+      """Q-Former query outputs [B, Q, width] (float32) and an all-true mask [B, Q]: the
+      visual tokens an instruction LLM reads (pathjax.recipes.slide_instruct)."""
+      out = q("query_pass", q("encode_patches", features, coords, mask)).astype(jnp.float32)
+      return out, jnp.ones(out.shape[:2], bool)
+
+    fns = {"slide": slide, "text": text, "itm": itm, "visual_tokens": visual_tokens}
     if self.stage == 2:
       fns["generate"] = lambda *a, **kw: self.generate(params, *a, **kw)
     return fns

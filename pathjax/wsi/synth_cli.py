@@ -1,6 +1,7 @@
 """`pathjax synth-slides --out DIR --n N`: synthetic pyramidal slides, labels, captions and
 one report per slide (reports.jsonl; --report-parts K groups K slides into multi-part cases),
-and the ground truth (truth.npz: every slide's class map, the masks localization is scored on)."""
+and the ground truth (truth.npz: every slide's class map, the masks localization is scored on);
+--instructions adds slide chat data (instructions.jsonl) made from that ground truth."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ def register(parser):
                       help="leave out this fraction of captions (to exercise missing captions)")
   parser.add_argument("--report-parts", type=int, default=1,
                       help="slides per case: >1 writes multi-part case reports with a part label per slide")
+  parser.add_argument("--instructions", action="store_true",
+                      help="also write instructions.jsonl: captioning, A-D and open questions from "
+                           "the ground truth (pathjax.input.instructions; slide chat training data)")
 
 
 def main(args) -> int:
@@ -39,6 +43,9 @@ def main(args) -> int:
         f"in {time.perf_counter() - t0:.1f}s")
   print(f"reports: {result.reports_path}")
   print(f"class maps: {result.truth_path}")
+  if args.instructions:
+    from pathjax.input.instructions import write_synthetic_instructions
+    print(f"instructions: {write_synthetic_instructions(args.out, seed=args.seed)}")
   for p in result.slide_paths:
     print(p)
   return 0
