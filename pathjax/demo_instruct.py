@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 
-INSTRUCT_DEFAULTS = dict(stage1_steps=30, stage2_steps=150, train_mcq=9, heldout_mcq=6)
+INSTRUCT_DEFAULTS = dict(stage1_steps=30, stage2_steps=250, train_mcq=9, heldout_mcq=6, batch_size=32)
 
 
 def _step(title: str) -> float:
@@ -69,7 +69,8 @@ def prepare(out: str, pathalign_root: str, llm_dir: str, *, train_mcq: int, held
 
 
 def run(out: str, *, encoder_dir: str, pathalign_root: str | None = None, llm_dir: str | None = None,
-        stage1_steps: int, stage2_steps: int, train_mcq: int = 9, heldout_mcq: int = 6) -> dict:
+        stage1_steps: int, stage2_steps: int, train_mcq: int = 9, heldout_mcq: int = 6,
+        batch_size: int = 8) -> dict:
   """Runs the slide-chat demo under `out`/instruct. `encoder_dir`: a model directory with a
   visual_tokens predict function; `pathalign_root` (default `out`/pathalign) holds the slides,
   embeddings and report LLM of the PathAlign part."""
@@ -115,7 +116,7 @@ def run(out: str, *, encoder_dir: str, pathalign_root: str | None = None, llm_di
       f"model.init_dir={os.path.join(stage1, 'model')}", f"total_steps={stage2_steps}",
       f"log_every={max(stage2_steps // 4, 1)}", f"checkpoint_every={stage2_steps}",
       "optimizer.lr=3e-3", "optimizer.end_lr=1e-4", "optimizer.warmup_steps=20",
-      "export_model=true"])
+      f"batch_size={batch_size}", "export_model=true"])
   recipe = make_recipe(config)
   held = recipe.records("heldout", tasks=("mcq",))
   vqa_file = os.path.join(stage2, "vqa.json")

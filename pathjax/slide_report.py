@@ -25,10 +25,10 @@ STAGE2_HINT = ("export one with `pathjax train --config=configs/pathalign.py:sta
                "--config.export_model=True` (it writes WORKDIR/model)")
 
 
-def _training_config(model: str, entry: dict[str, Any]) -> dict[str, Any]:
+def _training_config(model: str, meta: dict[str, Any]) -> dict[str, Any]:
   """The recorded training config: model.json's, else WORKDIR/config.json beside WORKDIR/model."""
-  if entry.get("config"):
-    return entry["config"]
+  if meta.get("train_config"):
+    return meta["train_config"]
   beside = os.path.join(os.path.dirname(os.path.abspath(model)), "config.json")
   if os.path.isfile(beside):
     with open(beside, encoding="utf-8") as f:
@@ -63,7 +63,7 @@ class SlideReportModel:
       raise GenerateError(f"{where} names the frozen LLM {llm_dir}, which is not a model directory "
                           "(moved or deleted?): put it back there or set pathalign.llm_dir in "
                           f"{where} to its new path")
-    config = ml_collections.ConfigDict(_training_config(model, entry))
+    config = ml_collections.ConfigDict(_training_config(model, meta))
     config.model.init_dir = os.path.abspath(model)   # the Q-Former's fields from the directory
     config.model.llm_dir = llm_dir
     config.model.prompt = entry.get("prompt", config.model.prompt)

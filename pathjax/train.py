@@ -432,6 +432,11 @@ def _export(config, recipe, params, workdir: str) -> str | None:
     return None
   kwargs = dict(exported) if "towers" in exported else {"towers": exported}
   kwargs.setdefault("source", f"pathjax train ({config.recipe})")
+  # The training config, so a model directory describes itself: tools that rebuild the
+  # recipe (`pathjax generate --slide`, a frozen encoder of slide_instruct) need nothing else.
+  from pathjax.config_lib import to_json_dict
+  kwargs["extra_meta"] = {"train_config": json.loads(json.dumps(to_json_dict(config), default=str)),
+                          **(kwargs.get("extra_meta") or {})}
   return model_dir.save_model_dir(os.path.join(workdir, "model"), overwrite=True, **kwargs)
 
 

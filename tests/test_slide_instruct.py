@@ -62,6 +62,10 @@ def test_synthetic_instructions_are_deterministic_and_correct(tmp_path):
   path = inst.write_instructions(str(tmp_path / "i.jsonl"), a)
   assert inst.read_instructions(path) == a
   assert inst.parse_choice(" (B) stroma") == "B" and inst.parse_choice("Because") is None
+  options = ["tumor", "stroma", "10 to 25%", "mucus"]
+  assert inst.parse_choice("Stroma.", options) == "B" and inst.parse_choice("10 to 25%", options) == "C"
+  assert inst.parse_choice("stroma and tumor", options) is None and inst.parse_choice("D", options) == "D"
+
 
 
 def test_synth_slides_directory_instructions(tmp_path):

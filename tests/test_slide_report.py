@@ -97,7 +97,7 @@ def test_bad_inputs_exit_2_naming_the_file_and_the_fix(stage2, tmp_path, capsys)
         os.symlink(os.path.join(model, name), d / name)
     edited = json.load(open(os.path.join(model, "model.json")))
     if key == "data":
-      edited["pathalign"]["config"]["data"]["embeddings"] = ""
+      edited["train_config"]["data"]["embeddings"] = ""
     else:
       edited["pathalign"]["llm_dir"] = value
     json.dump(edited, open(d / "model.json", "w"))
@@ -115,7 +115,7 @@ def test_training_config_from_the_workdir_when_model_json_has_none(stage2, tmp_p
     if name != "model.json":
       os.symlink(os.path.join(model, name), d / name)
   meta = json.load(open(os.path.join(model, "model.json")))
-  recorded = meta["pathalign"].pop("config")
+  recorded = meta.pop("train_config")
   json.dump(meta, open(d / "model.json", "w"))
   _fails(["--model", str(d), "--slide", "slide-002"], capsys, "records no training config",
          str(tmp_path / "wd" / "config.json"))

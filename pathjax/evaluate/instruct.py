@@ -4,9 +4,9 @@ captioning BLEU / ROUGE-L on the recipe's held-out conversations.
 Tasks (registered at import; `config.evals` entries with `data` "heldout", "train" or "all"):
 
   slide_vqa       multiple-choice questions (task "mcq"): the model's greedy answer to the
-                  question (the gold assistant turn removed) is parsed for its letter
-                  (instructions.parse_choice: "B", "B.", "(B) ...") and must equal the gold
-                  letter exactly; chance = mean 1 / number of choices (0.25 for A-D), printed
+                  question (the gold assistant turn removed) is parsed for the option it
+                  picks (instructions.parse_choice: an option's text exactly, or "B", "B.",
+                  "(B) ...") and must be the gold option; chance = mean 1 / number of choices (0.25 for A-D), printed
                   beside the accuracy. Also accuracy per question kind (dominant / absent / share).
   slide_caption   captioning conversations (task "caption"): generated reports vs the true
                   ones with pathjax.evaluate.text_metrics (BLEU, ROUGE-L) next to the most
@@ -61,8 +61,8 @@ def _question_kind(record: dict) -> str:
 def run_vqa(records: list[dict], model: SlideChatModel, *, report=print) -> TaskResult:
   """Exact-match multiple-choice accuracy over `records` (task "mcq")."""
   prompts = [r["messages"][:-1] for r in records]
-  answers = model.answer([r["slide"] for r in records], prompts, max_new_tokens=4)
-  picked = [inst.parse_choice(a) for a in answers]
+  answers = model.answer([r["slide"] for r in records], prompts, max_new_tokens=12)
+  picked = [inst.parse_choice(a, r.get("choices")) for a, r in zip(answers, records)]
   hit = np.array([p == r["answer"] for p, r in zip(picked, records)], float)
   chance = float(np.mean([1.0 / len(r.get("choices") or inst.LETTERS) for r in records]))
   metrics: dict[str, Any] = {"accuracy": float(hit.mean()), "chance": chance, "n": float(len(records)),

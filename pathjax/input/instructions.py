@@ -63,7 +63,8 @@ def _share_bin(f: float) -> int:
 
 
 def _mcq(rng, question: str, correct: str, distractors: Sequence[str]) -> dict:
-  """A user/assistant pair for an A-D question with `correct` placed at a random letter."""
+  """A user/assistant pair for an A-D question with `correct` placed at a random letter; the
+  assistant answers with the letter (PathFLIP's format, scored by exact choice match)."""
   picks = list(rng.choice(len(distractors), size=3, replace=False))
   choices = [distractors[i] for i in picks]
   pos = int(rng.integers(4))
@@ -351,8 +352,14 @@ class ChatEncoder:
     return self.tok.decode(ids, skip_special_tokens=True).strip()
 
 
-def parse_choice(text: str) -> str | None:
-  """The letter A-D a multiple-choice answer gives ("B", "B.", "(B) stroma"), or None."""
+def parse_choice(text: str, choices: Sequence[str] | None = None) -> str | None:
+  """The letter A-D a multiple-choice answer picks, or None: the text of one of `choices`
+  exactly ("stroma", case and a final '.' aside), or a letter ("B", "B.", "(B) stroma")."""
+  if choices:
+    said = text.strip().rstrip(".").strip().lower()
+    for letter, choice in zip(LETTERS, choices):
+      if said == choice.strip().lower():
+        return letter
   s = text.strip().lstrip("(").upper()
   if s[:1] in LETTERS and (len(s) == 1 or not s[1].isalpha()):
     return s[0]

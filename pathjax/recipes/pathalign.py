@@ -638,12 +638,6 @@ class PathAlignRecipe:
     extra = {"pathalign": {"stage": self.stage, "llm_dir": self.config.model.llm_dir,
                            "prompt": self.config.model.prompt,
                            "text_len": int(self.config.input.text_len)}}
-    # The training config, so `pathjax generate --slide` rebuilds this recipe (and finds
-    # data.embeddings) from the model directory alone.
-    import json
-
-    from pathjax.config_lib import to_json_dict
-    extra["pathalign"]["config"] = json.loads(json.dumps(to_json_dict(self.config), default=str))
     return {"towers": {"qformer": dict(kind="qformer", module=QFormer(**qf),
                                        params=params["qformer"], projection=proj)},
             "tokenizer_dir": self.config.input.tokenizer or None, "extra_meta": extra}

@@ -530,7 +530,6 @@ class SlideInstructRecipe:
     proj = self.projector_fields
     towers = {"projector": dict(kind="projector", module=Projector(**proj), params=params["projector"])}
     extra = {"generation": self.llm_meta.get("generation", {}),
-             "train_config": json.loads(json.dumps(self.config.to_dict(), default=str)),
              "slide_instruct": {"stage": self.stage, "encoder_dir": self.encoder.directory,
                                 "llm_dir": os.path.abspath(self.config.model.llm_dir),
                                 "visual_tokens": self.visual_shape()[0],
