@@ -40,6 +40,7 @@ COMMANDS = {
     "compile": ("pathjax.compile_cli", "AOT-compile a config's train step for a TPU topology"),
     "bench": ("pathjax.bench.cli", "benchmarks that print measured figures"),
     "generate": ("pathjax.generate", "generate text with a decoder LLM model directory"),
+    "localize": ("pathjax.localize", "heatmap of where a PathFLIP model finds a text on a slide"),
 }
 
 

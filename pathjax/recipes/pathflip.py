@@ -519,7 +519,7 @@ class PathFLIPRecipe:
     qf = {k: v for k, v in self.qformer_fields.items() if k != "deterministic"}
     heads = {k: v for k, v in self.heads_fields.items() if k != "deterministic"}
     mc, c = self.config.model, self.config
-    extra = {"pathflip": {"regions": mc.regions, "region_size": int(mc.region_size),
+    extra = {"pathflip": {"embeddings": c.data.embeddings, "regions": mc.regions, "region_size": int(mc.region_size),
                           "num_regions": int(mc.num_regions), "max_patches": int(c.data.max_patches),
                           "text_len": int(c.input.text_len),
                           "subcaption_len": int(c.input.subcaption_len)}}
@@ -563,15 +563,52 @@ class LoadedPathFLIP:
     self.fns = make_predict_fns(self.model, self.params, region_method=self.layout["regions"],
                                 region_size=int(self.layout["region_size"]),
                                 pad_id=self.tokenizer.pad_id)
-    self._jit: dict[str, Callable] = {}
+    self.region_attention = jax.jit(self.fns["region_attention"], static_argnums=(5,))
 
-  def jitted(self, name: str, **static) -> Callable:
-    key = name + repr(sorted(static.items()))
-    if key not in self._jit:
-      fn = self.fns[name]
-      self._jit[key] = jax.jit(lambda *a: fn(*a, **static))
-    return self._jit[key]
+  def heatmaps(self, features: np.ndarray, grid: np.ndarray, texts: list[str]) -> np.ndarray:
+    """Per-patch maps [T, N] of `texts` over one slide (slide_heatmaps)."""
+    ids, mask = self.tokenizer(texts)
+    return slide_heatmaps(self.region_attention, np.asarray(features, np.float32), grid, ids, mask,
+                          method=self.layout["regions"], size=int(self.layout["region_size"]))
 
 
 def load_model(path: str) -> LoadedPathFLIP:
   return LoadedPathFLIP(path)
+
+
+# ------------------------------------------------------------------------------- heatmaps
+
+
+def localization_layout(grid: np.ndarray, method: str, size: int) -> tuple[int, int]:
+  """(M slots, R regions) that cover every patch of a slide with grid [N, 2], bucketed to
+  powers of two of the region count so slides of similar size share one compiled program."""
+  n = len(grid)
+  if method == "grid":
+    side = math.isqrt(size)
+    count = len(np.unique(np.asarray(grid) // side, axis=0))
+  else:
+    count = -(-n // size)
+  r = 1 << max(0, (count - 1).bit_length())
+  return (r * size if method == "window" else 1 << max(0, (n - 1).bit_length())), r
+
+
+def slide_heatmaps(region_attention: Callable, features: np.ndarray, grid: np.ndarray,
+                   ids: np.ndarray, text_mask: np.ndarray, *, method: str, size: int
+                   ) -> np.ndarray:
+  """Per-patch maps [T, N] of texts (ids [T, len]) over one slide's N patches:
+  region attention x within-region patch attention (see make_predict_fns), every patch in
+  a region. `region_attention(features, coords, mask, ids, text_mask, num_regions)` is the
+  predict function (jitted by the caller, num_regions static)."""
+  from pathjax.evaluate.localization import patch_scores
+  n = len(features)
+  m, r = localization_layout(grid, method, size)
+  f = np.zeros((1, m, features.shape[-1]), np.float32)
+  f[0, :n] = features
+  c = np.zeros((1, m, 2), np.int32)
+  c[0, :n] = grid
+  mask = np.zeros((1, m), bool)
+  mask[0, :n] = True
+  out = jax.device_get(region_attention(f, c, mask, ids, text_mask, r))
+  index, rmask = out["region_index"][0], out["region_mask"][0] & (out["region_index"][0] < n)
+  return np.stack([patch_scores(out["region_weights"][0, t], out["patch_weights"][0], index,
+                                rmask, n) for t in range(len(ids))])

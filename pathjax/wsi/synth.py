@@ -422,6 +422,7 @@ _REPORT_NAMES = {
     "tumor": "tumor", "stroma": "fibrous stroma", "lymphocytes": "lymphocytic infiltrate",
     "adipose": "adipose tissue", "necrosis": "necrosis", "mucus": "extracellular mucin",
 }
+REPORT_NAMES = _REPORT_NAMES  # how reports name each class (localization prompts use it)
 _REPORT_DETAIL = {
     "tumor": "malignant glands with pleomorphic nuclei",
     "stroma": "collagenous stroma with spindle cells",
