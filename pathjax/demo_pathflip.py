@@ -31,6 +31,38 @@ def _done(t0: float) -> None:
   print(f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
 
 
+def finding_phrases(report: str) -> list[str]:
+  """The report's findings one per phrase ("areas of fibrous stroma", "focal necrosis"): its
+  sentences split at commas, semicolons, "and", "with", "accompanied by", "include", keeping
+  phrases that name a tissue (the region descriptions the later PathFLIP version reads from
+  its data, written here by rule from the report text alone)."""
+  import re
+  from pathjax.input.subcaptions import split_sentences
+  from pathjax.wsi import synth
+  names = sorted(synth.REPORT_NAMES.values(), key=len, reverse=True)
+  out = []
+  for sentence in split_sentences(report):
+    for part in re.split(r",|;|:|\band\b|\bwith\b|accompanied by|include|\(|\)", sentence):
+      part = " ".join(part.split())
+      if any(n in part.lower() for n in names) and part not in out:
+        out.append(part)
+  return out or [report]
+
+
+def write_subcaptions(reports: str, path: str) -> str:
+  """data.subcaptions for every report: {"slide", "subcaptions": finding_phrases(report)}."""
+  import json
+  from pathjax.input.reports import read_reports
+  rows = [{"slide": e.slide, "subcaptions": finding_phrases(e.report)}
+          for e in read_reports(reports).entries.values()]
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  os.replace(tmp, path)
+  return path
+
+
 def run(out: str, *, embeddings: str, reports: str, tokenizer: str, truth: str, slides: str,
         heldout_pattern: str, steps: int = DEFAULTS["steps"], batch_size: int = DEFAULTS["batch_size"],
         region_size: int = DEFAULTS["region_size"], num_regions: int = DEFAULTS["num_regions"]) -> dict:
@@ -52,7 +84,8 @@ def run(out: str, *, embeddings: str, reports: str, tokenizer: str, truth: str, 
   root = os.path.join(out, "pathflip")
   workdir = os.path.join(root, "run")
   dim = int(open_slide_embeddings(embeddings).dim)
-  overrides = [f"data.embeddings={embeddings}", f"data.reports={reports}", f"input.tokenizer={tokenizer}",
+  subcaptions = write_subcaptions(reports, os.path.join(root, "subcaptions.jsonl"))
+  overrides = [f"data.subcaptions={subcaptions}", f"data.embeddings={embeddings}", f"data.reports={reports}", f"input.tokenizer={tokenizer}",
                f"data.truth={truth}", f"data.heldout_pattern={heldout_pattern}",
                f"model.qformer.encoder_width={dim}", "model.regions=grid",
                f"model.region_size={region_size}", f"model.num_regions={num_regions}",
@@ -82,7 +115,7 @@ def run(out: str, *, embeddings: str, reports: str, tokenizer: str, truth: str, 
   held = [s for s in emb.slide_ids if re.search(heldout_pattern, s)]
   truths = sl.read_truths(truth)
   sid = next(s for s in held if s in truths)
-  fr = truths[sid].fractions
+  fr = {c: f for c, f in truths[sid].fractions.items() if f > 0}
   # The second most common class: a heatmap that has to pick out part of the slide.
   cls = sorted(fr, key=lambda c: -fr[c])[1 if len(fr) > 1 else 0]
   text = synth.REPORT_NAMES[cls]

@@ -273,7 +273,8 @@ def make_predict_fns(model: PathFLIPModel, params, *, region_method: str, region
   def region_attention(features, coords, mask, ids, text_mask=None, num_regions=None):
     """For localization, texts ids [T, len] shared by the batch: {"region_weights" [B, T, L]
     (region head, averaged over heads), "patch_weights" [B, L, S] (within-region query ->
-    patch cross-attention, averaged over cross-attention layers, heads and queries),
+    patch cross-attention, averaged over cross-attention layers, heads and queries, scaled
+    to mean 1 over the region's real patches),
     "region_index" / "region_mask" [B, L, S] (into the M patches)}. The map of text t is
     sum_l region_weights[t, l] * patch_weights[l, s] painted at patch region_index[l, s]
     (pathjax.evaluate.localization.patch_scores)."""
@@ -292,6 +293,10 @@ def make_predict_fns(model: PathFLIPModel, params, *, region_method: str, region
     maps = jax.tree.leaves(state["intermediates"])                  # per cross layer [B*L, H, Q, S]
     pw = jnp.mean(jnp.stack([jnp.mean(a, axis=(1, 2)) for a in maps]), axis=0)
     pw = jnp.where(rmask.reshape(pw.shape), pw, 0.0).reshape(rmask.shape)
+    # Mean 1 over each region's real patches: a patch shows its region's weight, modulated by
+    # the attention within the region (a sum-to-1 normalisation would make regions with few
+    # patches, at tissue edges, look hot whatever the text).
+    pw = pw * jnp.sum(rmask, axis=-1, keepdims=True)
     return {"region_weights": w, "patch_weights": pw, "region_index": index, "region_mask": rmask}
 
   return {"slide": slide, "text": text, "visual_tokens": visual_tokens,
