@@ -65,7 +65,8 @@ def write_subcaptions(reports: str, path: str) -> str:
 
 def run(out: str, *, embeddings: str, reports: str, tokenizer: str, truth: str, slides: str,
         heldout_pattern: str, steps: int = DEFAULTS["steps"], batch_size: int = DEFAULTS["batch_size"],
-        region_size: int = DEFAULTS["region_size"], num_regions: int = DEFAULTS["num_regions"]) -> dict:
+        region_size: int = DEFAULTS["region_size"], num_regions: int = DEFAULTS["num_regions"],
+        overrides: tuple[str, ...] = ()) -> dict:
   """Trains and evaluates PathFLIP under `out`/pathflip.
 
   embeddings / reports / tokenizer: the PathAlign part's artefacts; truth: its truth.npz
@@ -90,7 +91,7 @@ def run(out: str, *, embeddings: str, reports: str, tokenizer: str, truth: str, 
                f"model.qformer.encoder_width={dim}", "model.regions=grid",
                f"model.region_size={region_size}", f"model.num_regions={num_regions}",
                f"batch_size={batch_size}", f"total_steps={steps}", f"log_every={max(steps // 3, 1)}",
-               f"checkpoint_every={steps}", "export_model=true"]
+               f"checkpoint_every={steps}", "export_model=true", *overrides]
   t0 = _step(f"F1. PathFLIP alignment (L_slide + L_region; regions = {region_size}-patch blocks "
              f"of the grid, {num_regions} per slide) for {steps} steps, then held-out retrieval "
              f"and localization (pathjax train --config=configs/pathflip.py:smoke --workdir "
@@ -114,8 +115,10 @@ def run(out: str, *, embeddings: str, reports: str, tokenizer: str, truth: str, 
   import re
   held = [s for s in emb.slide_ids if re.search(heldout_pattern, s)]
   truths = sl.read_truths(truth)
-  sid = next(s for s in held if s in truths)
-  fr = {c: f for c, f in truths[sid].fractions.items() if f > 0}
+  present = lambda s: {c: f for c, f in truths[s].fractions.items() if f >= 0.05}
+  with_truth = [s for s in held if s in truths]
+  sid = next((s for s in with_truth if len(present(s)) > 1), with_truth[0])
+  fr = present(sid)
   # The second most common class: a heatmap that has to pick out part of the slide.
   cls = sorted(fr, key=lambda c: -fr[c])[1 if len(fr) > 1 else 0]
   text = synth.REPORT_NAMES[cls]
@@ -155,7 +158,8 @@ def main(argv=None) -> int:
   parser.add_argument("--from", dest="src", required=True, help="the PathAlign part's folder (OUT/pathalign)")
   parser.add_argument("--out", required=True)
   parser.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-  args = parser.parse_args(argv)
+  args, overrides = parser.parse_known_args(argv)
+  overrides = [o[len("--config."):] for o in overrides if o.startswith("--config.")]
   from pathjax.demo_pathalign import HELDOUT_PREFIX
   src = args.src
   t0 = time.perf_counter()
@@ -163,7 +167,7 @@ def main(argv=None) -> int:
                 reports=os.path.join(src, "reports.jsonl"), tokenizer=os.path.join(src, "tokenizer"),
                 truth=",".join(os.path.join(src, "slides", s, "truth.npz") for s in ("train", "heldout")),
                 slides=os.path.join(src, "slides", "heldout"), heldout_pattern=f"^{HELDOUT_PREFIX}",
-                steps=args.steps)
+                steps=args.steps, overrides=tuple(overrides))
   print()
   print_summary(results)
   print(f"\nPathFLIP part finished in {time.perf_counter() - t0:.0f} s")

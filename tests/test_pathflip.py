@@ -424,3 +424,13 @@ def test_localize_cli_end_to_end_and_bad_input(synth_data, tmp_path, capsys):
   assert _cli("--model", str(tmp_path), "--slide", sid, "--text", "t", "--out", str(tmp_path / "z")) == 2
   assert "not a pathjax model directory" in capsys.readouterr().err
   assert not any(p.name.startswith((".x", ".y", ".z", "x.", "y.", "z.")) for p in tmp_path.iterdir())
+
+
+def test_demo_finding_phrases():
+  from pathjax.demo_pathflip import finding_phrases
+  got = finding_phrases("Benign adipose tissue. The specimen consists mostly of adipose tissue "
+                        "(mature fat lobules), accompanied by extensive fibrous stroma and focal "
+                        "necrosis.")
+  assert got == ["Benign adipose tissue", "The specimen consists mostly of adipose tissue",
+                 "extensive fibrous stroma", "focal necrosis"]
+  assert finding_phrases("Nothing here.") == ["Nothing here."]

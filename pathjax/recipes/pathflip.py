@@ -167,7 +167,12 @@ def slide_example(features: np.ndarray, grid: np.ndarray, *, method: str, size: 
 
 
 class PathFLIPModel(nn.Module):
-  """The shared Q-Former (`qformer`) and the PathFLIP heads (`heads`)."""
+  """The shared Q-Former (`qformer`) and the PathFLIP heads (`heads`).
+
+  Regions arrive as index / mask arrays [B, L, S] into the slide's patches, formed outside
+  the module by `config.model.regions`: "window" = S consecutive patches in stored order
+  (the paper), "grid" = sqrt(S) x sqrt(S) blocks of the patch grid (pathjax.input.regions
+  when training, `device_regions` at inference). The module itself does not care which."""
   qformer_cfg: dict
   heads_cfg: dict
   dtype: Any = jnp.float32
