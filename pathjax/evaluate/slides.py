@@ -192,7 +192,8 @@ def run_retrieval(ds: SlideEvalSet, model: SlideModel, *, ks: Sequence[int] = (1
                   rerank_k: int = 10, report=print) -> TaskResult:
   """Top-k retrieval both ways by ITC similarity, and re-ranked by ITM when the recipe has
   an "itm" predict function (PathAlign; PathFLIP has none: its rows are ITC only)."""
-  has_itm = "itm" in model.recipe.predict_fns(None)
+  recipe = getattr(model, "recipe", None)
+  has_itm = "itm" in recipe.predict_fns(None) if recipe is not None else hasattr(model, "match")
   candidates = list(dict.fromkeys(ds.texts))                  # distinct reports
   col = {t: j for j, t in enumerate(candidates)}
   pos = np.zeros((len(ds), len(candidates)), bool)
