@@ -377,7 +377,8 @@ def test_localization_task_scores_oracle_constant_and_model(synth_data):
   dataset, _ = load()
   res = task.run(dataset, embedder(synth_data["params"]), report=quiet)
   assert 0 <= res.metrics["pointing_game"] <= 1 and np.isfinite(res.metrics["heatmap_auc"])
-  with pytest.raises(sl.SlideEvalError, match="data.truth"):
+  from pathjax.evaluate.slides import SlideEvalError
+  with pytest.raises(SlideEvalError, match="data.truth"):
     sl.read_truths("")
 
 

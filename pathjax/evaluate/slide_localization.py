@@ -20,7 +20,7 @@ import numpy as np
 
 from pathjax.evaluate import localization as loc
 from pathjax.evaluate.results import TaskResult, format_table
-from pathjax.evaluate.slides import SlideEvalError, eval_set
+from pathjax.evaluate import slides as _slides  # may be mid-import (slides -> tasks -> here)
 from pathjax.evaluate.tasks import register_task
 
 TARGET_COVER = 0.5
@@ -30,12 +30,12 @@ def read_truths(spec: str) -> dict:
   """{slide id: synth.SlideTruth} from one or more comma-separated truth.npz files."""
   from pathjax.wsi import synth
   if not spec:
-    raise SlideEvalError("localization needs ground truth: set data.truth to truth.npz (written "
+    raise _slides.SlideEvalError("localization needs ground truth: set data.truth to truth.npz (written "
                          "by `pathjax synth-slides` next to reports.jsonl; comma-separate several)")
   out = {}
   for path in [p for p in str(spec).split(",") if p]:
     if not os.path.isfile(path):
-      raise SlideEvalError(f"data.truth: {path} does not exist (truth.npz from `pathjax synth-slides`)")
+      raise _slides.SlideEvalError(f"data.truth: {path} does not exist (truth.npz from `pathjax synth-slides`)")
     out.update(synth.read_truth(path))
   return out
 
@@ -46,12 +46,12 @@ def class_prompts(prompts: str | None) -> dict[str, str]:
   if not prompts:
     return dict(synth.REPORT_NAMES)
   if not os.path.isfile(prompts):
-    raise SlideEvalError(f"localization prompts {prompts}: not a file (JSON {{class: text}})")
+    raise _slides.SlideEvalError(f"localization prompts {prompts}: not a file (JSON {{class: text}})")
   with open(prompts, encoding="utf-8") as f:
     try:
       table = json.load(f)
     except json.JSONDecodeError as e:
-      raise SlideEvalError(f"{prompts}: not JSON ({e.msg}); write {{class: text}}") from None
+      raise _slides.SlideEvalError(f"{prompts}: not JSON ({e.msg}); write {{class: text}}") from None
   return {str(k): str(v) for k, v in table.items()}
 
 
@@ -63,7 +63,7 @@ def slide_extent(embeddings, slide_id: str, coords: np.ndarray, grid: np.ndarray
   cols = grid[:, 0] > 0
   if cols.any():
     return int(np.median(coords[cols, 0] / grid[cols, 0]))
-  raise SlideEvalError(f"cannot tell the patch extent of slide {slide_id} (no 'extent' in the "
+  raise _slides.SlideEvalError(f"cannot tell the patch extent of slide {slide_id} (no 'extent' in the "
                        "embeddings manifest)")
 
 
@@ -81,7 +81,7 @@ def run_localization(ds, heatmaps, truths: dict, *, prompts=None, report=print) 
   preds = []
   missing = [s for s in ds.slide_ids if s not in truths]
   if len(missing) == len(ds.slide_ids):
-    raise SlideEvalError(f"none of the {len(ds.slide_ids)} slides has a class map in data.truth "
+    raise _slides.SlideEvalError(f"none of the {len(ds.slide_ids)} slides has a class map in data.truth "
                          f"(e.g. {missing[:3]}); point data.truth at their truth.npz")
   for sid in ds.slide_ids:
     if sid not in truths:
@@ -99,7 +99,7 @@ def run_localization(ds, heatmaps, truths: dict, *, prompts=None, report=print) 
                     "hit": loc.pointing_hit(s, targets[c]), "chance": float(targets[c].mean())})
   pairs = [p for c in per_class for p in per_class[c]]
   if not pairs:
-    raise SlideEvalError("no slide of the split has a tissue class on any patch: nothing to localize")
+    raise _slides.SlideEvalError("no slide of the split has a tissue class on any patch: nothing to localize")
   metrics = loc.localization_metrics(pairs)
   rows = [{"class": "all", **{k: metrics[k] for k in ("pointing_game", "pointing_chance", "heatmap_auc")},
            "n": metrics["slides"]}]
@@ -129,7 +129,7 @@ def make_inputs(eval_cfg, recipe):
   get = lambda k, d=None: eval_cfg.get(k, d) if hasattr(eval_cfg, "get") else getattr(eval_cfg, k, d)
   split = get("data", "") or "heldout"
   if split not in ("heldout", "train", "all"):
-    raise SlideEvalError(f"evals: the localization task's data is the recipe's split: heldout, "
+    raise _slides.SlideEvalError(f"evals: the localization task's data is the recipe's split: heldout, "
                          f"train or all (got {split!r})")
   cache = {}
   fn = jax.jit(lambda p, *a, num_regions: recipe.predict_fns(p)["region_attention"](
@@ -137,12 +137,12 @@ def make_inputs(eval_cfg, recipe):
 
   def load():
     if "ds" not in cache:
-      cache["ds"] = (eval_set(recipe, split), read_truths(recipe.config.data.get("truth", "")))
+      cache["ds"] = (_slides.eval_set(recipe, split), read_truths(recipe.config.data.get("truth", "")))
     return cache["ds"], None
 
   def embedder(params):
     if recipe.tokenizer is None:
-      raise SlideEvalError("localization needs input.tokenizer (the Q-Former's tokenizer)")
+      raise _slides.SlideEvalError("localization needs input.tokenizer (the Q-Former's tokenizer)")
     mc = recipe.config.model
 
     def heatmaps(features, grid, texts):
