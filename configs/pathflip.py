@@ -24,11 +24,14 @@ Variants (the argument after the colon; ablations follow with commas):
       --embeddings emb/ --slides slides/ --out heatmaps/SLIDE_tumor
 """
 
+import math
+
 import ml_collections
 
 from pathjax.config_lib import pick_variant
 from pathjax.train_config import default_train_config
 
+PAPER_SCALE_INIT = math.log(1 / 0.07)
 SIZES = ("smoke", "align")
 ABLATIONS = ("grid", "k4", "k16", "l12", "l48", "s64", "s1024", "slide_only", "region_only",
              "later_init", "no_pos")
@@ -47,12 +50,14 @@ def _qformer(size: str) -> ml_collections.ConfigDict:
 
 
 def _heads(size: str) -> ml_collections.ConfigDict:
+  # The region loss's s (a raw multiplier, paper-era init log(1 / 0.07)) and beta.
+  init = dict(scale_init=PAPER_SCALE_INIT, bias_init=0.0)
   if size == "smoke":
     return ml_collections.ConfigDict(dict(width=32, depth=2, num_heads=4, mlp_dim=64,
-                                          region_heads=4, dropout_rate=0.0))
+                                          region_heads=4, dropout_rate=0.0, **init))
   # d 256, 8 heads, FFN 1024, dropout 0.1; region head 8 heads.
   return ml_collections.ConfigDict(dict(width=256, depth=2, num_heads=8, mlp_dim=1024,
-                                        region_heads=8, dropout_rate=0.1))
+                                        region_heads=8, dropout_rate=0.1, **init))
 
 
 def get_config(arg=None):

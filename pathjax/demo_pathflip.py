@@ -66,7 +66,7 @@ def write_subcaptions(reports: str, path: str) -> str:
 def run(out: str, *, embeddings: str, reports: str, tokenizer: str, truth: str, slides: str,
         heldout_pattern: str, steps: int = DEFAULTS["steps"], batch_size: int = DEFAULTS["batch_size"],
         region_size: int = DEFAULTS["region_size"], num_regions: int = DEFAULTS["num_regions"],
-        overrides: tuple[str, ...] = ()) -> dict:
+        finding_subcaptions: bool = False, overrides: tuple[str, ...] = ()) -> dict:
   """Trains and evaluates PathFLIP under `out`/pathflip.
 
   embeddings / reports / tokenizer: the PathAlign part's artefacts; truth: its truth.npz
@@ -85,13 +85,15 @@ def run(out: str, *, embeddings: str, reports: str, tokenizer: str, truth: str, 
   root = os.path.join(out, "pathflip")
   workdir = os.path.join(root, "run")
   dim = int(open_slide_embeddings(embeddings).dim)
-  subcaptions = write_subcaptions(reports, os.path.join(root, "subcaptions.jsonl"))
-  overrides = [f"data.subcaptions={subcaptions}", f"data.embeddings={embeddings}", f"data.reports={reports}", f"input.tokenizer={tokenizer}",
+  overrides = list(overrides)
+  if finding_subcaptions:  # one finding per subcaption instead of the paper's sentence sampler
+    overrides.append("data.subcaptions=" + write_subcaptions(reports, os.path.join(root, "subcaptions.jsonl")))
+  overrides = [f"data.embeddings={embeddings}", f"data.reports={reports}", f"input.tokenizer={tokenizer}",
                f"data.truth={truth}", f"data.heldout_pattern={heldout_pattern}",
                f"model.qformer.encoder_width={dim}", "model.regions=grid",
                f"model.region_size={region_size}", f"model.num_regions={num_regions}",
                f"batch_size={batch_size}", f"total_steps={steps}", f"log_every={max(steps // 3, 1)}",
-               f"checkpoint_every={steps}", "export_model=true", *overrides]
+               f"checkpoint_every={steps}", "export_model=true"] + overrides
   t0 = _step(f"F1. PathFLIP alignment (L_slide + L_region; regions = {region_size}-patch blocks "
              f"of the grid, {num_regions} per slide) for {steps} steps, then held-out retrieval "
              f"and localization (pathjax train --config=configs/pathflip.py:smoke --workdir "
@@ -158,6 +160,8 @@ def main(argv=None) -> int:
   parser.add_argument("--from", dest="src", required=True, help="the PathAlign part's folder (OUT/pathalign)")
   parser.add_argument("--out", required=True)
   parser.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+  parser.add_argument("--finding-subcaptions", action="store_true",
+                      help="subcaptions = the reports' findings one by one (finding_phrases)")
   args, overrides = parser.parse_known_args(argv)
   overrides = [o[len("--config."):] for o in overrides if o.startswith("--config.")]
   from pathjax.demo_pathalign import HELDOUT_PREFIX
@@ -167,7 +171,8 @@ def main(argv=None) -> int:
                 reports=os.path.join(src, "reports.jsonl"), tokenizer=os.path.join(src, "tokenizer"),
                 truth=",".join(os.path.join(src, "slides", s, "truth.npz") for s in ("train", "heldout")),
                 slides=os.path.join(src, "slides", "heldout"), heldout_pattern=f"^{HELDOUT_PREFIX}",
-                steps=args.steps, overrides=tuple(overrides))
+                steps=args.steps, finding_subcaptions=args.finding_subcaptions,
+                overrides=tuple(overrides))
   print()
   print_summary(results)
   print(f"\nPathFLIP part finished in {time.perf_counter() - t0:.0f} s")
