@@ -97,8 +97,8 @@ def run(out: str, *, embeddings: str, reports: str, tokenizer: str, truth: str, 
                f"batch_size={batch_size}", f"total_steps={steps}", f"log_every={max(steps // 3, 1)}",
                f"checkpoint_every={steps}", "export_model=true"] + overrides
   t0 = _step(f"F1. PathFLIP alignment (L_slide + L_region; regions = {region_size}-patch blocks "
-             f"of the grid, {num_regions} per slide) for {steps} steps, then held-out retrieval "
-             f"and localization (pathjax train --config=configs/pathflip.py:smoke --workdir "
+             f"of the grid, {num_regions} per slide) for {steps} steps, then held-out "
+             f"localization (pathjax train --config=configs/pathflip.py:smoke --workdir "
              f"{workdir} --config.model.regions=grid ...)")
   # Slide<->report retrieval is PathAlign's demo; add
   # eval_config(kind="slide_retrieval", data="heldout", every=steps) to see PathFLIP's.
