@@ -4,7 +4,8 @@
         [--embeddings emb/] [--slides slides/] --out heatmaps/S-001_tumor
 
 Writes PREFIX.npy (the raw per-patch map [N], float32, in the stored patch order of the
-slide's embeddings: region attention x within-region patch attention, summing to 1) and
+slide's embeddings: region attention x within-region patch attention scaled to mean 1 per
+region, so a patch shows its region's weight modulated by the attention within it) and
 PREFIX.png (the map over the slide's thumbnail, read from the slide file when it is found:
 --slides DIR, or the path in the embeddings manifest; otherwise the map alone on the patch
 grid, and the output says so). Neither file is overwritten unless --overwrite. The
