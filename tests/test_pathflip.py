@@ -288,10 +288,11 @@ def _eight_devices_equal_one():
 
 @pytest.mark.slow
 def test_killed_run_resumes_exactly(tmp_path):
-  """assert_crash_resumes_exactly in a fresh one-device process. Under pytest's 8 fake CPU
-  devices the trainer's step here once died in XLA's CPU collective rendezvous ("Termination
-  timeout ... of 40 seconds exceeded", 2 of 8 device threads arrived) on this 2-core shared
-  machine; 8 devices == 1 is test_eight_devices_equal_one's job."""
+  """assert_crash_resumes_exactly in a fresh one-device process. With 8 fake CPU devices the
+  trainer's step here died in XLA's CPU collective rendezvous ("Termination timeout ... of
+  40 seconds exceeded", 2 of 8 device threads arrived), and with the timeouts raised
+  (PATIENT_COLLECTIVES) it hung instead: a deadlock of XLA's CPU collectives on this 2-core
+  machine, not slowness. 8 devices == 1 is test_eight_devices_equal_one's job."""
   here = os.path.dirname(os.path.abspath(__file__))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              JAX_PLATFORMS="cpu", PYTHONPATH=os.path.dirname(here))
