@@ -76,9 +76,10 @@ def find_slide_file(entry: dict, slides_dir: str | None, embeddings_dir: str) ->
 
 
 def _colour(scores: np.ndarray) -> np.ndarray:
+  """Colours [N, 4] in [0, 1], the map stretched to its own range (the .npy keeps the values)."""
   import matplotlib
-  top = float(np.max(scores)) if scores.size else 0.0
-  return matplotlib.colormaps["inferno"](scores / top if top > 0 else scores)  # [N, 4] in [0, 1]
+  lo, hi = (float(np.min(scores)), float(np.max(scores))) if scores.size else (0.0, 0.0)
+  return matplotlib.colormaps["inferno"]((scores - lo) / (hi - lo) if hi > lo else scores * 0)
 
 
 def render(scores: np.ndarray, grid: np.ndarray, coords: np.ndarray, extent: int,
