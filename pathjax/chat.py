@@ -1,5 +1,5 @@
 """`pathjax chat --model DIR --slide ID [--embeddings DIR] [--question "..."]`: answers
-questions about one slide with a slide chat model (an export of configs/pathflip_instruct.py:
+questions about one slide with a slide chat model (an export of configs/pathflip.py:
 frozen encoder -> projector -> LLM), streaming the answer. Without --question it reads
 questions from stdin, one a line, as one conversation (the slide is shown in the first turn)
 until end of input or an empty line."""
@@ -11,7 +11,7 @@ import sys
 
 def register(parser) -> None:
   parser.add_argument("--model", required=True, metavar="DIR",
-                      help="a slide chat model directory (WORKDIR/model of configs/pathflip_instruct.py)")
+                      help="a slide chat model directory (WORKDIR/model of configs/pathflip.py)")
   parser.add_argument("--slide", required=True, metavar="ID", help="slide id in the embeddings")
   parser.add_argument("--embeddings", metavar="DIR", default=None,
                       help="a `pathjax embed-slides` directory (default: the one the model trained on)")

@@ -41,6 +41,7 @@ COMMANDS = {
     "bench": ("pathjax.bench.cli", "benchmarks that print measured figures"),
     "generate": ("pathjax.generate", "generate text with a decoder LLM model directory, or a slide's report (PathAlign stage 2)"),
     "chat": ("pathjax.chat", "answer questions about a slide with a slide chat model"),
+    "localize": ("pathjax.localize", "heatmap of where a PathFLIP model finds a text on a slide"),
 }
 
 

@@ -12,6 +12,7 @@ be rerun one by one. Rerunning the demo reuses finished steps (tiling and traini
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -20,6 +21,8 @@ import time
 import numpy as np
 
 from pathjax import config_lib
+from pathjax.demo_instruct import INSTRUCT_DEFAULTS
+from pathjax.demo_pathflip import DEFAULTS as PATHFLIP_DEFAULTS
 
 SMOKE = "configs/mrplip.py:smoke"
 # The PathAlign part (pathjax/demo_pathalign.py): 176 small slides embedded at 10x. With
@@ -27,6 +30,8 @@ SMOKE = "configs/mrplip.py:smoke"
 # give it enough compositions to generalise (held-out top-1 11-15x chance among 32).
 PATHALIGN_DEFAULTS = dict(train_slides=144, heldout_slides=32, slide_size=2048, magnification=10,
                           stage1_steps=200, llm_steps=150, stage2_steps=60)
+# PathFLIP (pathjax/demo_pathflip.py, PATHFLIP_DEFAULTS) and slide chat
+# (pathjax/demo_instruct.py, INSTRUCT_DEFAULTS) reuse those slides.
 
 
 def _step(title: str) -> float:
@@ -50,9 +55,13 @@ def _read_metrics(workdir: str) -> list[dict]:
 
 
 def run(out: str, *, train_slides: int, heldout_slides: int, steps: int, patch_size: int,
-        slide_size: int, workers: int, real_slide: bool, pathalign: dict | None = None) -> dict:
+        slide_size: int, workers: int, real_slide: bool, pathalign: dict | None = None,
+        pathflip: dict | None = None, instruct: dict | None = None) -> dict:
   """MR-PLIP end to end; then, with `pathalign` (keyword arguments of
-  pathjax.demo_pathalign.run), PathAlign on slide embeddings from the MR-PLIP vision tower."""
+  pathjax.demo_pathalign.run), PathAlign on slide embeddings from the MR-PLIP vision tower;
+  with `pathflip` (pathjax.demo_pathflip.run) PathFLIP alignment and localization on the same
+  slides, and with `instruct` (pathjax.demo_instruct.run) slide chat on PathFLIP's (else
+  PathAlign's) slide encoder. The later parts need PathAlign's slides and report LLM."""
   from pathjax import train as train_lib
   from pathjax.evaluate import data, features, tasks
   from pathjax.input import tile as tile_lib
@@ -144,17 +153,39 @@ def run(out: str, *, train_slides: int, heldout_slides: int, steps: int, patch_s
     results["real_slide"] = _real_slide(out, model_dir, patch_size, workers)
     _done(t0)
 
+  encoder = None
   if pathalign is not None:
     from pathjax import demo_pathalign
     results["pathalign"] = demo_pathalign.run(out, vision_model=model_dir, patch_size=patch_size,
                                               **pathalign)
+    encoder = os.path.join(out, "pathalign", "stage1", "model")
+    if pathflip is not None:
+      results["pathflip"] = _run_pathflip(out, pathflip)
+      encoder = results["pathflip"].get("model_dir", encoder)
+    if instruct is not None:
+      from pathjax import demo_instruct
+      results["instruct"] = demo_instruct.run(out, encoder_dir=encoder, **instruct)
 
   _print_summary(results)
-  if "pathalign" in results:
-    from pathjax import demo_pathalign
-    demo_pathalign.print_summary(results["pathalign"])
+  for part in ("pathalign", "pathflip", "instruct"):
+    if part in results:
+      importlib.import_module(f"pathjax.demo_{part}").print_summary(results[part])
   with open(os.path.join(out, "demo_results.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)
+  return results
+
+
+def _run_pathflip(out: str, options: dict) -> dict:
+  """PathFLIP on the PathAlign part's slide embeddings, reports, tokenizer and ground truth."""
+  from pathjax import demo_pathalign, demo_pathflip
+  pa = os.path.join(out, "pathalign")
+  truth = ",".join(os.path.join(pa, "slides", split, "truth.npz") for split in ("train", "heldout"))
+  results = demo_pathflip.run(out, embeddings=os.path.join(pa, "embeddings"),
+                              reports=os.path.join(pa, "reports.jsonl"),
+                              tokenizer=os.path.join(pa, "tokenizer"), truth=truth,
+                              slides=os.path.join(pa, "slides", "heldout"),
+                              heldout_pattern=f"^{demo_pathalign.HELDOUT_PREFIX}", **options)
+  results["model_dir"] = os.path.join(out, "pathflip", "run", "model")
   return results
 
 
@@ -285,7 +316,10 @@ def main(argv=None) -> int:
   parser.add_argument("--slide-size", type=int, default=4096)
   parser.add_argument("--workers", type=int, default=2)
   parser.add_argument("--no-real-slide", action="store_true")
-  parser.add_argument("--no-pathalign", action="store_true", help="MR-PLIP only")
+  parser.add_argument("--no-pathalign", action="store_true",
+                      help="MR-PLIP only (PathFLIP and slide chat need PathAlign's slides)")
+  parser.add_argument("--no-pathflip", action="store_true", help="skip PathFLIP")
+  parser.add_argument("--no-instruct", action="store_true", help="skip slide chat")
   args = parser.parse_args(argv)
   from pathjax.cli import keep_off_absent_tpu
   keep_off_absent_tpu()  # no libtpu start-up noise on machines without a TPU
@@ -293,7 +327,9 @@ def main(argv=None) -> int:
   run(args.out, train_slides=args.train_slides, heldout_slides=args.heldout_slides,
       steps=args.steps, patch_size=args.patch_size, slide_size=args.slide_size,
       workers=args.workers, real_slide=not args.no_real_slide,
-      pathalign=None if args.no_pathalign else PATHALIGN_DEFAULTS)
+      pathalign=None if args.no_pathalign else PATHALIGN_DEFAULTS,
+      pathflip=None if args.no_pathflip else PATHFLIP_DEFAULTS,
+      instruct=None if args.no_instruct else INSTRUCT_DEFAULTS)
   print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; outputs in {args.out}/")
   return 0
 

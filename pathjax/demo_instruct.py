@@ -99,8 +99,8 @@ def run(out: str, *, encoder_dir: str, pathalign_root: str | None = None, llm_di
             "model.text_len=128", "batch_size=16"]
   stage1 = os.path.join(root, "stage1")
   t0 = _step(f"I2. stage 1: projector only (encoder and LLM frozen), captions, {stage1_steps} "
-             f"steps (pathjax train --config=configs/pathflip_instruct.py:instruct_stage1,smoke)")
-  config = _config("pathflip_instruct.py:instruct_stage1,smoke", common + [
+             f"steps (pathjax train --config=configs/pathflip.py:instruct_stage1,smoke)")
+  config = _config("pathflip.py:instruct_stage1,smoke", common + [
       f"total_steps={stage1_steps}", f"log_every={max(stage1_steps // 3, 1)}",
       f"checkpoint_every={stage1_steps}", "export_model=true"])
   train_lib.train(config, stage1)
@@ -112,7 +112,7 @@ def run(out: str, *, encoder_dir: str, pathalign_root: str | None = None, llm_di
   stage2 = os.path.join(root, "stage2")
   t0 = _step(f"I3. stage 2: projector + LoRA (r 16, alpha 32 on q,k,v,o,gate,up,down), captions "
              f"+ VQA, {stage2_steps} steps; held-out multiple-choice VQA and one chat answer")
-  config = _config("pathflip_instruct.py:instruct_stage2,smoke", common + [
+  config = _config("pathflip.py:instruct_stage2,smoke", common + [
       f"model.init_dir={os.path.join(stage1, 'model')}", f"total_steps={stage2_steps}",
       f"log_every={max(stage2_steps // 4, 1)}", f"checkpoint_every={stage2_steps}",
       "optimizer.lr=3e-3", "optimizer.end_lr=1e-4", "optimizer.warmup_steps=20",

@@ -102,16 +102,18 @@ def scale_by_multipliers(multipliers: Sequence[tuple[str, float]]) -> optax.Grad
 
 
 def make_schedule(opt_config, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `lr` over `warmup_steps`, then `schedule` down to `end_lr`.
+  """Linear warmup from `warmup_from` (default 0) to `lr` over `warmup_steps`, then
+  `schedule` down to `end_lr`.
 
   schedules: "cosine" (cosine decay to end_lr at total_steps), "linear", "constant".
   """
   lr, end_lr = float(opt_config.lr), float(opt_config.get("end_lr", 0.0))
   warmup = int(opt_config.get("warmup_steps", 0))
+  start = float(opt_config.get("warmup_from", 0.0))
   name = opt_config.get("schedule", "cosine")
   decay_steps = max(int(total_steps) - warmup, 1)
   if name == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(int(total_steps), warmup + 1),
+    return optax.warmup_cosine_decay_schedule(start, lr, warmup, max(int(total_steps), warmup + 1),
                                               end_value=end_lr)
   if name == "linear":
     decay = optax.linear_schedule(lr, end_lr, decay_steps)
@@ -121,7 +123,7 @@ def make_schedule(opt_config, total_steps: int) -> optax.Schedule:
     raise ValueError(f"unknown optimizer.schedule {name!r}; valid: cosine, linear, constant")
   if warmup <= 0:
     return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+  return optax.join_schedules([optax.linear_schedule(start, lr, warmup), decay], [warmup])
 
 
 def make_optimizer(opt_config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

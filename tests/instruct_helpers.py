@@ -11,7 +11,7 @@ import numpy as np
 import pathalign_helpers as PA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "pathflip_instruct.py")
+CONFIG = os.path.join(ROOT, "configs", "pathflip.py")
 # The PathAlign helper's classes mapped onto synthetic tissue classes.
 CLASS_TO_TISSUE = {"adenocarcinoma": "tumor", "lymphoma": "lymphocytes", "normal mucosa": "mucus"}
 

@@ -14,9 +14,11 @@ PHRASES = ("Sections show {c}.", "The slide shows {c}.", "Diagnosis: {c}.")
 
 def write_embeddings(out_dir: str, slides: dict, *, dim: int, encoder: str = "toy-encoder",
                      encoder_hash: str = "a" * 64, skipped: dict | None = None,
-                     dtype: str = "float16") -> str:
+                     dtype: str = "float16", extent: int = 224, paths: dict | None = None) -> str:
   """An embed-slides directory: slides = {id: (features [N, D], grid [N, 2])}; `skipped` =
-  {id: reason} become skipped entries (as a slide without tissue)."""
+  {id: reason} become skipped entries (as a slide without tissue). Level-0 coords are
+  grid * extent; `paths` = {id: slide file} (default: id + ".svs")."""
+  paths = paths or {}
   from safetensors.numpy import save_file
   os.makedirs(os.path.join(out_dir, "slides"), exist_ok=True)
   entries = []
@@ -24,12 +26,12 @@ def write_embeddings(out_dir: str, slides: dict, *, dim: int, encoder: str = "to
     file = f"slides/{sid}.safetensors"
     n = len(feats)
     save_file({"features": np.asarray(feats, dtype), "grid": np.asarray(grid, np.int32),
-               "coords": np.asarray(grid, np.int64) * 224, "tissue": np.ones((n,), np.float32)},
+               "coords": np.asarray(grid, np.int64) * extent, "tissue": np.ones((n,), np.float32)},
               os.path.join(out_dir, file),
               metadata={"encoder": encoder, "encoder_hash": encoder_hash, "dim": str(dim),
                         "slide_id": sid})
-    entries.append({"slide_id": sid, "path": sid + ".svs", "status": "done", "file": file,
-                    "patches": n})
+    entries.append({"slide_id": sid, "path": paths.get(sid, sid + ".svs"), "status": "done",
+                    "file": file, "patches": n, "extent": extent})
   skipped = skipped or {}
   for sid, reason in skipped.items():
     entries.append({"slide_id": sid, "path": sid + ".svs", "status": "skipped", "reason": reason})

@@ -4,9 +4,10 @@ Tasks (registered at import; also usable from training through `config.evals` en
 `kind` is one of these names and whose `data` is "heldout", "train" or "all", the split of the
 recipe's own data.embeddings + data.reports; `labels` names a slide -> class file):
 
-  slide_retrieval      slide -> report and report -> slide top-1/3/5 over held-out slides, by
-                       ITC similarity (max over queries) and by ITC re-ranked with ITM over
-                       the ITC top-k (`rerank_k`); chance levels printed beside them.
+  slide_retrieval      slide -> report and report -> slide top-1/3/5/10 over held-out slides,
+                       by ITC similarity (max over queries) and, for a recipe with an "itm"
+                       predict function, by ITC re-ranked with ITM over the ITC top-k
+                       (`rerank_k`); chance levels printed beside them.
   slide_zeroshot       zero-shot slide classification from prompts (a prompt file, or the
                        class names with CONCH's templates): AUC, balanced accuracy, ...
                        For a patch model (predict functions "image" and "text", no "slide":
@@ -175,7 +176,11 @@ class SlideModel:
 
 
 def similarity(slide_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
-  """ITC similarity [N, T]: max over queries of the cosine (as losses_blip.itc_similarity)."""
+  """ITC similarity [N, T]: max over queries of the cosine (as losses_blip.itc_similarity);
+  one embedding per slide [N, E] (PathFLIP) is one query."""
+  slide_emb = np.asarray(slide_emb)
+  if slide_emb.ndim == 2:
+    slide_emb = slide_emb[:, None]
   return np.max(np.einsum("nqe,te->ntq", slide_emb, text_emb), axis=-1)
 
 
@@ -190,8 +195,12 @@ def chance_at_k(positives: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
 # ---------------------------------------------------------------------------- tasks
 
 
-def run_retrieval(ds: SlideEvalSet, model: SlideModel, *, ks: Sequence[int] = (1, 3, 5),
+def run_retrieval(ds: SlideEvalSet, model: SlideModel, *, ks: Sequence[int] = (1, 3, 5, 10),
                   rerank_k: int = 10, report=print) -> TaskResult:
+  """Top-k retrieval both ways by ITC similarity, and re-ranked by ITM when the recipe has
+  an "itm" predict function (PathAlign; PathFLIP has none: its rows are ITC only)."""
+  recipe = getattr(model, "recipe", None)
+  has_itm = "itm" in recipe.predict_fns(None) if recipe is not None else hasattr(model, "match")
   candidates = list(dict.fromkeys(ds.texts))                  # distinct reports
   col = {t: j for j, t in enumerate(candidates)}
   pos = np.zeros((len(ds), len(candidates)), bool)
@@ -203,6 +212,12 @@ def run_retrieval(ds: SlideEvalSet, model: SlideModel, *, ks: Sequence[int] = (1
   for direction, s, p in (("slide_to_report", sim, pos), ("report_to_slide", sim.T, pos.T)):
     itc = metrics_lib.recall_at_k(s, p, ks)
     chance = chance_at_k(p, ks)
+    if not has_itm:
+      for kk in ks:
+        metrics[f"{direction}/itc_top{kk}"] = itc[kk]
+        metrics[f"{direction}/chance_top{kk}"] = chance[kk]
+        rows.append({"direction": direction, "k": kk, "itc": itc[kk], "chance": chance[kk]})
+      continue
     # ITM re-ranking of each query's ITC top-k (BLIP-2's retrieval protocol).
     k = min(int(rerank_k), s.shape[1])
     top = np.argsort(-s, axis=1, kind="stable")[:, :k]
@@ -221,9 +236,11 @@ def run_retrieval(ds: SlideEvalSet, model: SlideModel, *, ks: Sequence[int] = (1
       rows.append({"direction": direction, "k": kk, "itc": itc[kk], "itc+itm": itm[kk],
                    "chance": chance[kk]})
   metrics["num_slides"], metrics["num_reports"] = float(len(ds)), float(len(candidates))
-  summary = (f"slide retrieval over {len(ds)} slides / {len(candidates)} distinct reports "
-             f"(ITM re-ranks the ITC top-{min(int(rerank_k), len(candidates))})\n"
-             + format_table(rows, ["direction", "k", "itc", "itc+itm", "chance"]))
+  how = (f"ITM re-ranks the ITC top-{min(int(rerank_k), len(candidates))}" if has_itm
+         else "cosine similarity")
+  summary = (f"slide retrieval over {len(ds)} slides / {len(candidates)} distinct reports ({how})\n"
+             + format_table(rows, ["direction", "k", "itc"] + (["itc+itm"] if has_itm else [])
+                            + ["chance"]))
   report(summary)
   preds = [{"slide": sid, "report": t, "top1_report": candidates[int(np.argmax(sim[i]))],
             "correct_top1": bool(pos[i, int(np.argmax(sim[i]))])}
@@ -451,7 +468,7 @@ def _patch_inputs(eval_cfg, recipe, get):
   return load, make
 
 
-@register_task("slide_retrieval", needs=("slide", "text", "itm"), per_magnification=False,
+@register_task("slide_retrieval", needs=("slide", "text"), per_magnification=False,
                make_inputs=make_inputs)
 def _slide_retrieval(dataset, embedder, *, k=10, report=print, **unused):
   return run_retrieval(dataset, embedder, rerank_k=int(k or 10), report=report)

@@ -126,3 +126,4 @@ def _retrieval(dataset, embedder, *, batch_size=64, progress=None, report=print,
 
 from pathjax.evaluate import slides as _slides  # noqa: E402,F401  (registers the slide tasks)
 from pathjax.evaluate import instruct as _instruct  # noqa: E402,F401  (registers slide chat tasks)
+from pathjax.evaluate import slide_localization as _slide_localization  # noqa: E402,F401

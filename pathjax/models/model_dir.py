@@ -48,6 +48,7 @@ class ModelDirError(ValueError):
 def _kinds() -> dict[str, tuple[type, Callable, Callable]]:
   """kind -> (module class, config_dict(module), dummy input(s) for init: an array or a tuple)."""
   from pathjax.models import llm as llm_lib
+  from pathjax.models import pathflip as pathflip_lib
   from pathjax.models import projector as projector_lib
   from pathjax.models import qformer as qformer_lib
   from pathjax.models import text as text_lib
@@ -56,6 +57,8 @@ def _kinds() -> dict[str, tuple[type, Callable, Callable]]:
       "llm": (llm_lib.LLM, llm_lib.config_dict, lambda m: jnp.zeros((1, 8), jnp.int32)),
       "qformer": (qformer_lib.QFormer, qformer_lib.config_dict, qformer_lib.example_inputs),
       "projector": (projector_lib.Projector, projector_lib.config_dict, projector_lib.example_inputs),
+      "pathflip_heads": (pathflip_lib.PathFLIPHeads, pathflip_lib.config_dict,
+                         pathflip_lib.example_inputs),
       "vit": (vit_lib.ViT, vit_lib.config_dict,
               lambda m: jnp.zeros((1, m.image_size, m.image_size, 3), jnp.float32)),
       "clip_text": (text_lib.TextTransformer, text_lib.config_dict,

@@ -13,12 +13,16 @@ PyTorch counterparts in the public PathFLIP code at float32 tolerance (tests/tes
   returns the head-averaged attention weights over regions [B, T, L], the region factor of
   the localization map.
 
+`PathFLIPHeads` bundles both with the region loss's scale and bias (the model-directory
+tower next to the shared Q-Former; the recipe is pathjax/recipes/pathflip.py).
+
 `convert_transformer_encoder` / `convert_region_head` map PyTorch state dicts (numpy
 arrays) onto these parameter trees.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Mapping
 
@@ -31,6 +35,13 @@ from pathjax.models import layers
 
 Array = jax.Array
 _ACT = ("act_batch", "act_len", "act_embed")
+
+
+def _attention(m: nn.Module) -> layers.Attention:
+  """The torch nn.MultiheadAttention sublayer of a ContextLayer or RegionHead, from its fields."""
+  return layers.Attention(num_heads=m.num_heads, dropout_rate=m.dropout_rate,
+                          deterministic=m.deterministic, dtype=m.dtype,
+                          param_dtype=m.param_dtype, name="attention")
 
 
 class ContextLayer(nn.Module):
@@ -50,8 +61,7 @@ class ContextLayer(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm = functools.partial(layers.layer_norm, eps=self.norm_eps, **kw)
     drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
-    h = layers.Attention(num_heads=self.num_heads, dropout_rate=self.dropout_rate,
-                         deterministic=self.deterministic, name="attention", **kw)(x, kv_mask=mask)
+    h = _attention(self)(x, kv_mask=mask)
     x = norm(name="attention_norm")(x + drop(h))
     h = layers.Mlp(self.mlp_dim, self.activation, dropout_rate=self.dropout_rate,
                    deterministic=self.deterministic, name="mlp", **kw)(x)
@@ -106,10 +116,58 @@ class RegionHead(nn.Module):
     q = proj(name="w_q")(texts)
     k = proj(name="w_k")(regions)
     v = proj(name="w_v")(regions)
-    out, weights = layers.Attention(num_heads=self.num_heads, dropout_rate=self.dropout_rate,
-                                    deterministic=self.deterministic, name="attention", **kw)(
-        q, k, kv_mask=region_mask, value_input=v, return_weights=True)
+    out, weights = _attention(self)(q, k, kv_mask=region_mask, value_input=v, return_weights=True)
     return layers.constrain(out, _ACT), jnp.mean(weights.astype(jnp.float32), axis=1)
+
+
+class PathFLIPHeads(nn.Module):
+  """What PathFLIP adds on top of the shared Q-Former: the context encoder over
+  [global; regions] (width = the Q-Former's embed_dim), the region head, and the region
+  loss's learnable scale s and bias beta (scalars, used raw: z = s * cos + beta).
+
+  A model directory stores it as a tower of kind "pathflip_heads" next to the Q-Former."""
+  width: int = 256
+  depth: int = 2
+  num_heads: int = 8
+  mlp_dim: int = 1024
+  activation: str = "relu"
+  norm_eps: float = 1e-5
+  dropout_rate: float = 0.1
+  region_heads: int = 8
+  scale_init: float = 2.6592600369262695   # log(1 / 0.07), the paper-era init
+  bias_init: float = 0.0
+  deterministic: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.context = ContextEncoder(self.depth, self.num_heads, self.mlp_dim, self.activation,
+                                  self.norm_eps, self.dropout_rate, self.deterministic, **kw)
+    self.region_head = RegionHead(self.width, self.region_heads, 0.0, self.deterministic, **kw)
+    scalar = lambda v: nn.with_logical_partitioning(nn.initializers.constant(v), ())
+    self.region_scale = self.param("region_scale", scalar(self.scale_init), (), self.param_dtype)
+    self.region_bias = self.param("region_bias", scalar(self.bias_init), (), self.param_dtype)
+
+  def scale_and_bias(self) -> tuple[Array, Array]:
+    return self.region_scale.astype(jnp.float32), self.region_bias.astype(jnp.float32)
+
+  def __call__(self, tokens: Array, texts: Array, mask: Array | None = None):
+    """tokens [B, 1 + L, W] ([global; regions]), texts [B, T, W] -> (contextualised tokens,
+    text-conditioned embeddings [B, T, W], region weights [B, T, L])."""
+    x = self.context(tokens, mask)
+    v, w = self.region_head(texts, x[:, 1:], None if mask is None else mask[:, 1:])
+    return x, v, w
+
+
+def config_dict(model: PathFLIPHeads) -> dict[str, Any]:
+  return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+          if f.name not in ("parent", "name", "dtype", "param_dtype")}
+
+
+def example_inputs(model: PathFLIPHeads):
+  """Zero inputs of the right shapes for `model.init` (a model directory's shape check)."""
+  return (jnp.zeros((1, 3, model.width), jnp.float32), jnp.zeros((1, 2, model.width), jnp.float32))
 
 
 # ------------------------------------------------------------------------------------------

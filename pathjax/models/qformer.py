@@ -208,6 +208,12 @@ class CrossAttention(nn.Module):
                      param_dtype=self.param_dtype, name="query")(x)
     q = layers.constrain(q, _QKV)
     out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+    if self.is_mutable_collection("intermediates"):
+      # Attention maps on request (apply(..., mutable=["intermediates"])): the query->patch
+      # weights [B, heads, Q, N] PathFLIP's localization paints; not computed otherwise.
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+      logits = jnp.where(mask, logits / jnp.sqrt(jnp.float32(head_dim)), -jnp.inf)
+      self.sow("intermediates", "attention_weights", jax.nn.softmax(logits, axis=-1))
     out = layers.constrain(out, _QKV)
     return layers.dense(self.width, ("heads", "kv", "embed"), in_axes=(-2, -1), dtype=self.dtype,
                         param_dtype=self.param_dtype, name="out")(out)

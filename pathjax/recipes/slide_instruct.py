@@ -555,7 +555,7 @@ def load_chat_model(directory: str, *, embeddings: str | None = None,
   if not info or "projector" not in meta["towers"] or "train_config" not in meta:
     raise ConfigError(f"{directory} is not a slide chat model (it has no encoder and projector; "
                       f"towers: {', '.join(meta['towers'])}): train one with "
-                      "configs/pathflip_instruct.py and --config.export_model=True")
+                      "configs/pathflip.py and --config.export_model=True")
   config = ml_collections.ConfigDict(meta["train_config"])
   config.evals = []
   config.model.encoder_dir = info["encoder_dir"]

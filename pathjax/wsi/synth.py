@@ -418,7 +418,7 @@ def caption_records(slide: SynthSlide, *, magnifications: Sequence[float], patch
 # Slide reports
 
 # Report names of the classes and what a pathologist would say about each.
-_REPORT_NAMES = {
+REPORT_NAMES = {
     "tumor": "tumor", "stroma": "fibrous stroma", "lymphocytes": "lymphocytic infiltrate",
     "adipose": "adipose tissue", "necrosis": "necrosis", "mucus": "extracellular mucin",
 }
@@ -468,7 +468,7 @@ def slide_report_text(fractions: Mapping[str, float], rng, style: int | None = N
   ranked = [(c, f) for c, f in sorted(fractions.items(), key=lambda kv: -kv[1]) if f >= 0.03]
   dom, dom_f = ranked[0]
   rest = ranked[1:]
-  name = _REPORT_NAMES
+  name = REPORT_NAMES
   style = int(rng.integers(5)) if style is None else style % 5
   def listing(items, pct=False):
     words = [f"{_amount(f)} {name[c]}" + (f" (about {round(f * 20) * 5}%)" if pct else "") for c, f in items]
@@ -496,7 +496,7 @@ def dominant_class_named(report: str, classes: Sequence[str] = TISSUE_CLASSES) -
   """The class a synthetic report says dominates: the first class it names (every phrasing of
   `slide_report_text` names the dominant class first), or None if it names none."""
   text = report.lower()
-  found = [(text.find(_REPORT_NAMES[c]), c) for c in classes if _REPORT_NAMES[c] in text]
+  found = [(text.find(REPORT_NAMES[c]), c) for c in classes if REPORT_NAMES[c] in text]
   return min(found)[1] if found else None
 
 

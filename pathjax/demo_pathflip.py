@@ -1,0 +1,188 @@
+"""The demo's PathFLIP part: alignment on the PathAlign part's slide embeddings and reports,
+then localization on held-out slides whose tissue classes are known.
+
+PathFLIP (configs/pathflip.py:smoke with regions = 2 x 2 blocks of the patch grid) trains on
+the training slides' MR-PLIP patch embeddings and reports: L_slide (caption InfoNCE) +
+L_region (text-conditioned region embeddings against subcaptions: by default each report's
+findings one by one, `finding_phrases`, as region descriptions; or the paper's sentence
+sampler). Then, on the held-out slides, for every tissue class
+present on a slide, its name as the text -> heatmap (region attention x within-region patch
+attention) -> pointing game (hit when the top patch is of that class; chance = the class's
+share of the slide's tissue) and heatmap AUC against the class mask (truth.npz). One
+heatmap is written as a PNG over the slide's thumbnail (`pathjax localize`).
+
+Every step is a library call behind a `pathjax` subcommand; rerunning reuses a finished run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+# Regions of 2 x 2 patches: the demo's slides have ~40-64 patches at 10x (8 x 8 grid).
+DEFAULTS = dict(steps=120, batch_size=16, region_size=4, num_regions=12, finding_subcaptions=True)
+
+
+def _step(title: str) -> float:
+  print(f"\n== {title}", flush=True)
+  return time.perf_counter()
+
+
+def _done(t0: float) -> None:
+  print(f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+
+def finding_phrases(report: str) -> list[str]:
+  """The report's findings one per phrase ("areas of fibrous stroma", "focal necrosis"): its
+  sentences split at commas, semicolons, "and", "with", "accompanied by", "include", keeping
+  phrases that name a tissue (the region descriptions the later PathFLIP version reads from
+  its data, written here by rule from the report text alone)."""
+  import re
+  from pathjax.input.subcaptions import split_sentences
+  from pathjax.wsi import synth
+  names = sorted(synth.REPORT_NAMES.values(), key=len, reverse=True)
+  out = []
+  for sentence in split_sentences(report):
+    for part in re.split(r",|;|:|\band\b|\bwith\b|accompanied by|include|\(|\)", sentence):
+      part = " ".join(part.split())
+      if any(n in part.lower() for n in names) and part not in out:
+        out.append(part)
+  return out or [report]
+
+
+def write_subcaptions(reports: str, path: str) -> str:
+  """data.subcaptions for every report: {"slide", "subcaptions": finding_phrases(report)}."""
+  import json
+  from pathjax.input.reports import read_reports
+  rows = [{"slide": e.slide, "subcaptions": finding_phrases(e.report)}
+          for e in read_reports(reports).entries.values()]
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  os.replace(tmp, path)
+  return path
+
+
+def run(out: str, *, embeddings: str, reports: str, tokenizer: str, truth: str, slides: str,
+        heldout_pattern: str, steps: int = DEFAULTS["steps"], batch_size: int = DEFAULTS["batch_size"],
+        region_size: int = DEFAULTS["region_size"], num_regions: int = DEFAULTS["num_regions"],
+        finding_subcaptions: bool = DEFAULTS["finding_subcaptions"],
+        overrides: tuple[str, ...] = ()) -> dict:
+  """Trains and evaluates PathFLIP under `out`/pathflip.
+
+  embeddings / reports / tokenizer: the PathAlign part's artefacts; truth: its truth.npz
+  file(s) (comma-separated); slides: the folder of held-out slide files (thumbnails);
+  heldout_pattern: a regex over slide ids that marks the held-out slides.
+  """
+  from pathjax import localize
+  from pathjax.demo_pathalign import _config, _last
+  from pathjax.embed_slides import open_slide_embeddings
+  from pathjax.evaluate import slide_localization as sl
+  from pathjax.evaluate.registry import eval_config
+  from pathjax.recipes.pathflip import load_model
+  from pathjax import train as train_lib
+  from pathjax.wsi import synth
+
+  root = os.path.join(out, "pathflip")
+  workdir = os.path.join(root, "run")
+  dim = int(open_slide_embeddings(embeddings).dim)
+  overrides = list(overrides)
+  if finding_subcaptions:  # one finding per subcaption instead of the paper's sentence sampler
+    overrides.append("data.subcaptions=" + write_subcaptions(reports, os.path.join(root, "subcaptions.jsonl")))
+  overrides = [f"data.embeddings={embeddings}", f"data.reports={reports}", f"input.tokenizer={tokenizer}",
+               f"data.truth={truth}", f"data.heldout_pattern={heldout_pattern}",
+               f"model.qformer.encoder_width={dim}", "model.regions=grid",
+               f"model.region_size={region_size}", f"model.num_regions={num_regions}",
+               f"batch_size={batch_size}", f"total_steps={steps}", f"log_every={max(steps // 3, 1)}",
+               f"checkpoint_every={steps}", "export_model=true"] + overrides
+  t0 = _step(f"F1. PathFLIP alignment (L_slide + L_region; regions = {region_size}-patch blocks "
+             f"of the grid, {num_regions} per slide) for {steps} steps, then held-out "
+             f"localization (pathjax train --config=configs/pathflip.py:smoke --workdir "
+             f"{workdir} --config.model.regions=grid ...)")
+  # Slide<->report retrieval is PathAlign's demo; add
+  # eval_config(kind="slide_retrieval", data="heldout", every=steps) to see PathFLIP's.
+  config = _config("pathflip.py:smoke", overrides,
+                   [eval_config(kind="localization", data="heldout", every=steps)])
+  train_lib.train(config, workdir)
+  last = _last(workdir)
+  results: dict = {"loss": last["loss"], "slide_loss": last.get("slide"),
+                   "region_loss": last.get("region")}
+  results["retrieval"] = {k.split("/", 1)[1]: v for k, v in last.items()
+                          if k.startswith("slide_retrieval/")}
+  results["localization"] = {k.split("/", 1)[1]: v for k, v in last.items()
+                             if k.startswith("localization/")}
+  _done(t0)
+
+  t0 = _step("F2. a localization heatmap for one held-out slide (pathjax localize)")
+  model = load_model(os.path.join(workdir, "model"))
+  emb = open_slide_embeddings(embeddings)
+  import re
+  held = [s for s in emb.slide_ids if re.search(heldout_pattern, s)]
+  truths = sl.read_truths(truth)
+  present = lambda s: {c: f for c, f in truths[s].fractions.items() if f >= 0.05}
+  with_truth = [s for s in held if s in truths]
+  sid = next((s for s in with_truth if len(present(s)) > 1), with_truth[0])
+  fr = present(sid)
+  # The second most common class: a heatmap that has to pick out part of the slide.
+  cls = sorted(fr, key=lambda c: -fr[c])[1 if len(fr) > 1 else 0]
+  text = synth.REPORT_NAMES[cls]
+  prefix = os.path.join(root, f"{sid}_{cls}")
+  made = localize.localize(os.path.join(workdir, "model"), sid, text, prefix, embeddings=embeddings,
+                           slides=slides, overwrite=True, model=model)
+  print(f"   {sid}, '{text}' ({fr[cls]:.0%} of the tissue): {made['png']} over "
+        f"{made['painted_over']}; raw map {made['npy']}")
+  results["heatmap"] = {"slide": sid, "class": cls, "text": text, "share": fr[cls], **made}
+  _done(t0)
+  return results
+
+
+def print_summary(results: dict) -> None:
+  print("PathFLIP on held-out synthetic slides:")
+  r = results.get("retrieval", {})
+  for direction in ("slide_to_report", "report_to_slide"):
+    top1, chance = r.get(f"{direction}/itc_top1"), r.get(f"{direction}/chance_top1")
+    if top1 is not None and chance:
+      print(f"  {direction.replace('_', ' ')}: top-1 {top1:.3f}, top-5 "
+            f"{r.get(f'{direction}/itc_top5', float('nan')):.3f}; chance top-1 {chance:.3f} "
+            f"({top1 / chance:.1f}x chance)")
+  loc = results.get("localization", {})
+  if "pointing_game" in loc:
+    print(f"  localization over {int(loc.get('pairs', 0))} (slide, class) pairs: pointing game "
+          f"{loc['pointing_game']:.3f} vs chance {loc['pointing_chance']:.3f} "
+          f"({loc['pointing_over_chance']:.2f}x; goal >= 2x), heatmap AUC {loc['heatmap_auc']:.3f}")
+  h = results.get("heatmap")
+  if h:
+    print(f"  heatmap: {h['png']} ({h['slide']}, '{h['text']}')")
+
+
+def main(argv=None) -> int:
+  """Runs the part on an existing PathAlign demo output (`--from DIR/pathalign`)."""
+  import argparse
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--from", dest="src", required=True, help="the PathAlign part's folder (OUT/pathalign)")
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+  parser.add_argument("--sentence-subcaptions", action="store_true",
+                      help="the paper's subcaption sampler (sentences) instead of the reports' "
+                           "findings one by one (finding_phrases)")
+  args, overrides = parser.parse_known_args(argv)
+  overrides = [o[len("--config."):] for o in overrides if o.startswith("--config.")]
+  from pathjax.demo_pathalign import HELDOUT_PREFIX
+  src = args.src
+  t0 = time.perf_counter()
+  results = run(args.out, embeddings=os.path.join(src, "embeddings"),
+                reports=os.path.join(src, "reports.jsonl"), tokenizer=os.path.join(src, "tokenizer"),
+                truth=",".join(os.path.join(src, "slides", s, "truth.npz") for s in ("train", "heldout")),
+                slides=os.path.join(src, "slides", "heldout"), heldout_pattern=f"^{HELDOUT_PREFIX}",
+                steps=args.steps, finding_subcaptions=not args.sentence_subcaptions,
+                overrides=tuple(overrides))
+  print()
+  print_summary(results)
+  print(f"\nPathFLIP part finished in {time.perf_counter() - t0:.0f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  import sys
+  sys.exit(main())
