@@ -261,8 +261,11 @@ def test_eight_devices_equal_one():
   here = os.path.dirname(os.path.abspath(__file__))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 " + PATIENT_COLLECTIVES,
              JAX_PLATFORMS="cpu", PYTHONPATH=os.path.dirname(here))
-  proc = subprocess.run([sys.executable, "-c", "import test_pathflip as t; t._eight_devices_equal_one()"],
-                        cwd=here, env=env, capture_output=True, text=True, timeout=900)
+  for attempt in range(2):  # a second fresh process only after XLA's CPU collectives gave up
+    proc = subprocess.run([sys.executable, "-c", "import test_pathflip as t; t._eight_devices_equal_one()"],
+                          cwd=here, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode == 0 or "imeout" not in proc.stderr:
+      break
   assert proc.returncode == 0, proc.stderr[-3000:]
 
 
