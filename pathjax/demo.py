@@ -26,8 +26,8 @@ from pathjax.demo_pathflip import DEFAULTS as PATHFLIP_DEFAULTS
 
 SMOKE = "configs/mrplip.py:smoke"
 # The PathAlign part (pathjax/demo_pathalign.py): 176 small slides embedded at 10x. With
-# 28 training reports the text tower memorised them (held-out retrieval at chance); 144
-# give it enough compositions to generalise (held-out top-1 11-15x chance among 32).
+# 28 training reports the text tower memorised them (held-out retrieval at chance); with 144
+# held-out top-1 among 32 reached 4-15x chance in our runs (it varies with the MR-PLIP tower).
 PATHALIGN_DEFAULTS = dict(train_slides=144, heldout_slides=32, slide_size=2048, magnification=10,
                           stage1_steps=200, llm_steps=150, stage2_steps=60)
 # PathFLIP (pathjax/demo_pathflip.py, PATHFLIP_DEFAULTS) and slide chat

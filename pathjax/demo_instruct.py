@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 
-INSTRUCT_DEFAULTS = dict(stage1_steps=30, stage2_steps=250, train_mcq=9, heldout_mcq=6, batch_size=32)
+INSTRUCT_DEFAULTS = dict(stage1_steps=30, stage2_steps=150, train_mcq=9, heldout_mcq=6, batch_size=16)
 
 
 def _step(title: str) -> float:

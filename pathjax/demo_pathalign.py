@@ -1,8 +1,9 @@
 """The demo's PathAlign part: slides -> patch embeddings -> Q-Former -> retrieval and reports.
 
 Synthetic slides with a report each -> `pathjax embed-slides` with the ViT the MR-PLIP part
-just trained (frozen) -> an offline WordPiece tokenizer -> PathAlign stage 1 (ITC + ITM + ITG,
-configs/pathalign.py:smoke) -> held-out slide<->report retrieval against chance. Then a tiny
+just trained (frozen) -> an offline WordPiece tokenizer -> PathAlign stage 1 (ITC + ITG,
+configs/pathalign.py:smoke,no_itm: on these reports ITM stays at the label entropy and only
+adds noise to the shared Q-Former) -> held-out slide<->report retrieval against chance. Then a tiny
 decoder LLM is pretrained on the training reports (configs/causal_lm.py:smoke) and frozen,
 PathAlign stage 2 trains the projection of the Q-Former's queries into its input, and the
 model writes a report for every held-out slide: BLEU / ROUGE-L against the most frequent
@@ -99,9 +100,9 @@ def run(out: str, *, vision_model: str, train_slides: int, heldout_slides: int, 
           "input.text_len=64",
           "export_model=true"]
   stage1 = os.path.join(root, "stage1")
-  t0 = _step(f"P3. PathAlign stage 1 (ITC + ITM + ITG) for {stage1_steps} steps (pathjax train "
-             f"--config=configs/pathalign.py:smoke --workdir {stage1} ...)")
-  config = _config("pathalign.py:smoke", data + [f"total_steps={stage1_steps}",
+  t0 = _step(f"P3. PathAlign stage 1 (ITC + ITG) for {stage1_steps} steps (pathjax train "
+             f"--config=configs/pathalign.py:smoke,no_itm --workdir {stage1} ...)")
+  config = _config("pathalign.py:smoke,no_itm", data + [f"total_steps={stage1_steps}",
                                                  f"log_every={max(stage1_steps // 4, 1)}"],
                    [eval_config(kind="slide_retrieval", data="heldout", every=stage1_steps, k=5)])
   train_lib.train(config, stage1)
