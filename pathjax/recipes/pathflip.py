@@ -524,8 +524,10 @@ class PathFLIPRecipe:
                             pad_id=self.tokenizer.pad_id if self.tokenizer else 0)
 
   def export(self, params) -> dict[str, Any]:
-    """Towers "qformer" (kind qformer) and "pathflip" (kind pathflip_heads), the tokenizer,
-    and the region layout in model.json["pathflip"] (what `load_model` needs)."""
+    """Towers "qformer" (kind qformer) and "heads" (kind pathflip_heads), named as the
+    parameter groups they hold (a frozen encoder of slide_instruct maps towers to groups by
+    name), the tokenizer, and the region layout in model.json["pathflip"] (what `load_model`
+    needs)."""
     qf = {k: v for k, v in self.qformer_fields.items() if k != "deterministic"}
     heads = {k: v for k, v in self.heads_fields.items() if k != "deterministic"}
     mc, c = self.config.model, self.config
@@ -535,7 +537,7 @@ class PathFLIPRecipe:
                           "subcaption_len": int(c.input.subcaption_len)}}
     return {"towers": {"qformer": dict(kind="qformer", module=QFormer(**qf), params=params["qformer"],
                                        projection=None),
-                       "pathflip": dict(kind="pathflip_heads", module=PathFLIPHeads(**heads),
+                       "heads": dict(kind="pathflip_heads", module=PathFLIPHeads(**heads),
                                         params=params["heads"], projection=None)},
             "tokenizer_dir": c.input.tokenizer or None, "extra_meta": extra}
 
@@ -555,16 +557,16 @@ class LoadedPathFLIP:
     from pathjax.models import model_dir
     meta = model_dir.read_model_json(path)
     towers = meta["towers"]
-    if "qformer" not in towers or "pathflip" not in towers or "pathflip" not in meta:
+    if "qformer" not in towers or "heads" not in towers or "pathflip" not in meta:
       raise model_dir.ModelDirError(f"{path} is not a PathFLIP model directory (needs qformer and "
-                                    "pathflip towers; export one with configs/pathflip.py and "
+                                    "heads towers; export one with configs/pathflip.py and "
                                     "--config.export_model=True)")
     loaded = model_dir.load_model_dir(path)
     self.path, self.meta, self.layout = path, meta, dict(meta["pathflip"])
     self.model = PathFLIPModel(qformer_cfg=dict(towers["qformer"]["config"]),
-                               heads_cfg=dict(towers["pathflip"]["config"]))
+                               heads_cfg=dict(towers["heads"]["config"]))
     self.params = {"qformer": loaded.towers["qformer"].params,
-                   "heads": loaded.towers["pathflip"].params}
+                   "heads": loaded.towers["heads"].params}
     self.encoder_width = int(towers["qformer"]["config"]["encoder_width"])
     tok = meta.get("tokenizer")
     if not tok:
