@@ -48,12 +48,6 @@ def _config_path() -> str:
   return os.path.join(here, "configs", "mrplip.py")
 
 
-def _read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def run(out: str, *, train_slides: int, heldout_slides: int, steps: int, patch_size: int,
         slide_size: int, workers: int, real_slide: bool, pathalign: dict | None = None,
         pathflip: dict | None = None, instruct: dict | None = None) -> dict:
@@ -120,7 +114,8 @@ def run(out: str, *, train_slides: int, heldout_slides: int, steps: int, patch_s
   evaluator = train_lib.Evaluator(name="heldout", every=steps,
                                   fn=_heldout_checks(config, records["heldout"], heldout_file))
   train_lib.train(config, workdir, evaluators=[evaluator])
-  metrics = _read_metrics(workdir)
+  from pathjax.metrics_log import read_metrics
+  metrics = read_metrics(workdir)  # resume markers of a rerun skipped
   results["loss_first"], results["loss_last"] = metrics[0]["loss"], metrics[-1]["loss"]
   print(f"   loss {results['loss_first']:.3f} (step {metrics[0]['step']}) -> "
         f"{results['loss_last']:.3f} (step {metrics[-1]['step']})")
