@@ -173,15 +173,20 @@ def _heldout_reports(model: str, root: str) -> dict:
           "dominant_constant": max(counts.values()) / len(ids), "n": len(ids)}
 
 
-def print_summary(results: dict) -> None:
-  r = results.get("retrieval", {})
-  print("PathAlign on held-out synthetic slides (stage 1, ITC):")
+def print_retrieval(r: dict) -> None:
+  """Held-out slide<->report top-1 / top-5 against chance, from slide_retrieval's metrics."""
   for direction in ("slide_to_report", "report_to_slide"):
     top1, chance = r.get(f"{direction}/itc_top1"), r.get(f"{direction}/chance_top1")
     if top1 is not None and chance:
       print(f"  {direction.replace('_', ' ')}: top-1 {top1:.3f}, top-5 "
             f"{r.get(f'{direction}/itc_top5', float('nan')):.3f}; chance top-1 {chance:.3f} "
             f"({top1 / chance:.1f}x chance)")
+
+
+def print_summary(results: dict) -> None:
+  r = results.get("retrieval", {})
+  print("PathAlign on held-out synthetic slides (stage 1, ITC):")
+  print_retrieval(r)
   g = results.get("generation", {})
   bleu, base = g.get("model/bleu"), g.get("most_frequent_report/bleu")
   if bleu is not None:

@@ -140,12 +140,8 @@ def run(out: str, *, embeddings: str, reports: str, tokenizer: str, truth: str, 
 def print_summary(results: dict) -> None:
   print("PathFLIP on held-out synthetic slides:")
   r = results.get("retrieval", {})
-  for direction in ("slide_to_report", "report_to_slide"):
-    top1, chance = r.get(f"{direction}/itc_top1"), r.get(f"{direction}/chance_top1")
-    if top1 is not None and chance:
-      print(f"  {direction.replace('_', ' ')}: top-1 {top1:.3f}, top-5 "
-            f"{r.get(f'{direction}/itc_top5', float('nan')):.3f}; chance top-1 {chance:.3f} "
-            f"({top1 / chance:.1f}x chance)")
+  from pathjax.demo_pathalign import print_retrieval
+  print_retrieval(r)
   loc = results.get("localization", {})
   if "pointing_game" in loc:
     print(f"  localization over {int(loc.get('pairs', 0))} (slide, class) pairs: pointing game "

@@ -25,6 +25,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 _NEG = -1e30  # "minus infinity" that keeps arithmetic finite (no inf - inf, no 0 * inf)
@@ -434,9 +435,22 @@ def image_text_matching_loss(logits: jax.Array, labels: jax.Array,
   return _masked_mean(nll, m), {"itm_accuracy": jax.lax.stop_gradient(_masked_mean(acc, m))}
 
 
+def masked_token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array
+                               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Mean token cross-entropy over `mask` [B, T] of logits [B, T, V] against targets [B, T]
+  (the caller aligns position t with the token it predicts). Returns (loss, accuracy, tokens),
+  the accuracy under stop-gradient."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  w = jnp.asarray(mask).astype(jnp.float32)
+  count = jnp.sum(w)
+  n = jnp.maximum(count, 1.0)
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  return jnp.sum(ce * w) / n, jax.lax.stop_gradient(jnp.sum(correct * w) / n), count
+
+
 __all__ = [
     "l2_normalize", "softmax_contrastive", "softmax_contrastive_from_logits",
     "sigmoid_contrastive", "sigmoid_loss_from_logits", "chunked_sigmoid_contrastive",
     "cvta_loss", "negative_cosine", "simsiam_loss", "itm_hard_negative_indices",
-    "image_text_matching_loss",
+    "image_text_matching_loss", "masked_token_cross_entropy",
 ]

@@ -46,8 +46,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from pathjax import losses
 from pathjax.config_lib import ConfigError
 from pathjax.input import in_memory
 from pathjax.models import llm as llm_lib
@@ -147,13 +147,8 @@ def make_examples(sequences: list[np.ndarray], seq_len: int, pad_id: int,
 def next_token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Masked mean token cross-entropy, with accuracy and the token count."""
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-  w = mask.astype(jnp.float32)
-  count = jnp.sum(w)
-  loss = jnp.sum(ce * w) / jnp.maximum(count, 1.0)
-  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-  return loss, {"loss": loss, "token_accuracy": jnp.sum(correct * w) / jnp.maximum(count, 1.0),
-                "tokens": count}
+  loss, acc, count = losses.masked_token_cross_entropy(logits, targets, mask)
+  return loss, {"loss": loss, "token_accuracy": acc, "tokens": count}
 
 
 @dataclasses.dataclass

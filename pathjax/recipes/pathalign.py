@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pathjax import losses_blip
+from pathjax import losses, losses_blip
 from pathjax.config_lib import ConfigError
 from pathjax.losses import l2_normalize
 from pathjax.models import layers
@@ -524,15 +524,8 @@ class PathAlignRecipe:
     ids = batch["llm_ids"].astype(jnp.int32)
     targets = batch["llm_targets"].astype(bool)
     # Position nq + t - 1 predicts token t of the text (the last soft token predicts token 0).
-    pred = logits[:, nq - 1:-1]
-    logp = jax.nn.log_softmax(pred.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, ids[..., None], axis=-1)[..., 0]
-    w = targets.astype(jnp.float32)
-    n = jnp.maximum(jnp.sum(w), 1.0)
-    loss = jnp.sum(nll * w) / n
-    acc = jnp.sum((jnp.argmax(pred, -1) == ids) * w) / n
-    return loss, {"loss": loss, "lm": loss, "lm_accuracy": jax.lax.stop_gradient(acc),
-                  "lm_tokens": jnp.sum(w).astype(jnp.int32)}
+    loss, acc, count = losses.masked_token_cross_entropy(logits[:, nq - 1:-1], ids, targets)
+    return loss, {"loss": loss, "lm": loss, "lm_accuracy": acc, "lm_tokens": count.astype(jnp.int32)}
 
   # -- frozen LLM and initialisation ---------------------------------------------------
 

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from pathjax import losses
 from pathjax.config_lib import ConfigError
 from pathjax.input import instructions as inst
 from pathjax.models import lora as lora_lib
@@ -420,14 +421,8 @@ class SlideInstructRecipe:
   def loss(self, params, batch, rng, train: bool = True):
     embeds, mask, out_ids, weights = self.inputs(params, batch, rng, train)
     logits = self._apply(params, InstructModel.lm, embeds, mask, rng=rng, train=train)
-    pred, labels, w = logits[:, :-1], out_ids[:, 1:], weights[:, 1:].astype(jnp.float32)
-    logp = jax.nn.log_softmax(pred.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-    n = jnp.maximum(jnp.sum(w), 1.0)
-    loss = jnp.sum(nll * w) / n
-    acc = jnp.sum((jnp.argmax(pred, -1) == labels) * w) / n
-    return loss, {"loss": loss, "lm": loss, "lm_accuracy": jax.lax.stop_gradient(acc),
-                  "lm_tokens": jnp.sum(w).astype(jnp.int32)}
+    loss, acc, count = losses.masked_token_cross_entropy(logits[:, :-1], out_ids[:, 1:], weights[:, 1:])
+    return loss, {"loss": loss, "lm": loss, "lm_accuracy": acc, "lm_tokens": count.astype(jnp.int32)}
 
   # -- frozen towers and initialisation --------------------------------------------------
 
