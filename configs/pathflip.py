@@ -11,7 +11,9 @@ Variants (the argument after the colon; ablations follow with commas):
   instruct_stage1   slide chat (pathjax/recipes/slide_instruct.py): a frozen slide encoder's
              visual tokens -> projector -> a frozen LLM; projector only, captions, lr 1e-3.
   instruct_stage2   + LoRA (r 16, alpha 32 on q,k,v,o,gate,up,down), captions + VQA,
-             lr 1e-4, wd 0.05. Append ",smoke" to either for a CPU size.
+             lr 1e-4, wd 0.05. Append ",smoke" to either for a CPU size, ",shapes" to
+             compile without model directories (`pathjax compile`: the align encoder's
+             config and Qwen3-1.7B's layout, no weights).
   Ablations: grid (2D blocks of the patch grid instead of windows), k4 / k16 (subcaptions),
              l12 / l48 (regions), s64 / s1024 (patches per region), slide_only (w_region 0),
              region_only (w_slide 0), later_init (s = 10, beta = -10 as the later code),
@@ -38,6 +40,7 @@ chat template. Their evaluation kinds: "slide_vqa" and "slide_caption", data "he
 """
 
 import math
+import os
 
 import ml_collections
 
@@ -48,6 +51,13 @@ PAPER_SCALE_INIT = math.log(1 / 0.07)
 SIZES = ("smoke", "align")
 INSTRUCT = ("instruct_stage1", "instruct_stage2")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# Qwen3-1.7B's layout (its config.json), for `instruct_*,shapes` compiles; a real run takes every
+# field from model.llm_dir.
+QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8,
+                  head_dim=128, intermediate_size=6144, norm_eps=1e-6, rope_theta=1_000_000.0,
+                  qk_norm=True, tie_embeddings=True, scan=True, remat="full")
+TINY_LLM = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                intermediate_size=128, scan=True)
 ABLATIONS = ("grid", "k4", "k16", "l12", "l48", "s64", "s1024", "slide_only", "region_only",
              "later_init", "no_pos")
 
@@ -75,13 +85,14 @@ def _heads(size: str) -> ml_collections.ConfigDict:
                                         region_heads=8, dropout_rate=0.1, **init))
 
 
-def _instruct_config(stage: int, smoke: bool) -> ml_collections.ConfigDict:
+def _instruct_config(stage: int, smoke: bool, shapes: bool = False) -> ml_collections.ConfigDict:
   config = default_train_config()
   config.recipe = "slide_instruct"
   config.export_model = True
   config.model = ml_collections.ConfigDict(dict(
       stage=stage,
       encoder_dir="",          # exported model dir with a visual_tokens predict fn (frozen)
+      encoder_config="",       # shapes only (`shapes` variant, pathjax compile): a config spec
       llm_dir="",              # `pathjax convert --llm` dir (frozen; its tokenizer needs a chat template)
       init_dir="",             # stage 2: the stage-1 export (its projector)
       projector="mlp2",        # linear | mlp2 (LLaVA-1.5's 2-layer GELU MLP)
@@ -122,13 +133,19 @@ def _instruct_config(stage: int, smoke: bool) -> ml_collections.ConfigDict:
     config.model.lora.dropout = 0.0
     config.data.max_patches = 256
     config.data.feature_dtype = "float32"
+  if shapes:  # pathjax compile without model directories: the encoder's config, the LLM's layout
+    # (The align encoder either way: smoke's Q-Former takes its vocabulary from a tokenizer.)
+    config.model.encoder_config = f"{os.path.abspath(__file__)}:align"
+    config.model.llm_overrides = ml_collections.ConfigDict(
+        dict(TINY_LLM if smoke else QWEN3_1_7B, attention="auto"))
+    config.data.feature_dim = 512
   return config
 
 
 def get_config(arg=None):
   parts = (arg or "smoke").split(",")
   if parts[0] in INSTRUCT:
-    return _instruct_config(INSTRUCT.index(parts[0]) + 1, "smoke" in parts[1:])
+    return _instruct_config(INSTRUCT.index(parts[0]) + 1, "smoke" in parts[1:], "shapes" in parts[1:])
   size = pick_variant(parts[0], {s: s for s in SIZES + INSTRUCT}, default="smoke")
   ablations = [pick_variant(p, {a: a for a in ABLATIONS}, default="") for p in parts[1:]]
 

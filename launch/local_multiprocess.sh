@@ -40,7 +40,7 @@ echo "logs: $logdir" >&2
 pids=()
 for ((i = 0; i < num; i++)); do
   PATHJAX_COORDINATOR=127.0.0.1:$port PATHJAX_NUM_PROCESSES=$num PATHJAX_PROCESS_ID=$i \
-  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$devices" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$devices --xla_cpu_enable_concurrency_optimized_scheduler=false" \
     "$@" >"$logdir/proc_$i.log" 2>&1 &
   pids+=($!)
 done

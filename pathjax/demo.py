@@ -179,7 +179,8 @@ def _run_pathflip(out: str, options: dict) -> dict:
                               reports=os.path.join(pa, "reports.jsonl"),
                               tokenizer=os.path.join(pa, "tokenizer"), truth=truth,
                               slides=os.path.join(pa, "slides", "heldout"),
-                              heldout_pattern=f"^{demo_pathalign.HELDOUT_PREFIX}", **options)
+                              heldout_pattern=f"^{demo_pathalign.HELDOUT_PREFIX}",
+                              init_dir=os.path.join(pa, "stage1", "model"), **options)
   results["model_dir"] = os.path.join(out, "pathflip", "run", "model")
   return results
 

@@ -110,6 +110,7 @@ def run(out: str, *, vision_model: str, train_slides: int, heldout_slides: int, 
   results["retrieval"] = {k.split("/", 1)[1]: v for k, v in last.items()
                           if k.startswith("slide_retrieval/")}
   results["stage1_loss"] = last["loss"]
+  results["monitors"] = monitors(last)
   _done(t0)
 
   llm = os.path.join(root, "report_lm")
@@ -183,9 +184,24 @@ def print_retrieval(r: dict) -> None:
             f"({top1 / chance:.1f}x chance)")
 
 
+def monitors(metrics: dict) -> dict:
+  """The collapse monitors (monitor_*) of a logged training step, by name."""
+  return {k[len("monitor_"):]: v for k, v in sorted(metrics.items()) if k.startswith("monitor_")}
+
+
+def print_monitors(m: dict) -> None:
+  """One line of collapse monitors (spread ~1 healthy, 0 collapsed; unrelated cos ~0
+  healthy, 1 collapsed)."""
+  if m:
+    print("  collapse monitors, last training step (spread: ~1 healthy, 0 collapsed; unrelated "
+          "cos: ~0 healthy, 1 collapsed):\n    "
+          + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if "focus" not in k))
+
+
 def print_summary(results: dict) -> None:
   r = results.get("retrieval", {})
   print("PathAlign on held-out synthetic slides (stage 1, ITC):")
+  print_monitors(results.get("monitors", {}))
   print_retrieval(r)
   g = results.get("generation", {})
   bleu, base = g.get("model/bleu"), g.get("most_frequent_report/bleu")

@@ -20,6 +20,12 @@ are boolean with True = real.
   (`pick_negative_subcaptions`) and shared by all anchors b, so the region head runs on
   K + B texts per slide (own + every slide's negative; the anchor's own negative is masked
   out) and each anchor still sees one random subcaption of every other slide.
+  A negative whose text is one of the anchor's own subcaptions (`same_subcaption_text`:
+  reports written from templates repeat phrases such as "focal necrosis") describes the
+  anchor too: the pair is left out (`not_negative`), not labelled both +1 and -1.
+  (Otherwise, with 6 tissue classes shared by most synthetic slides, most negatives named
+  tissue present on the anchor and the region head learned to attend *away* from the
+  named tissue: localization maps anti-correlated with the class masks, heatmap AUC 0.35.)
   `s` is a raw multiplier (paper-era init log(1/0.07) = 2.66; the later code uses s = 10,
   beta = -10); both are learnable parameters of the recipe.
 """
@@ -65,6 +71,19 @@ def region_texts(t_own: jax.Array, t_neg: jax.Array) -> jax.Array:
   return jnp.concatenate([t_own, jnp.broadcast_to(t_neg[None], (b, *t_neg.shape))], axis=1)
 
 
+def same_subcaption_text(sub_ids: jax.Array, sub_mask: jax.Array, neg_index: jax.Array) -> jax.Array:
+  """[B, B] bool: True where slide c's negative subcaption (sub_ids[c, neg_index[c]]) is, token
+  for token, one of slide b's own real subcaptions. sub_ids [B, K, T] int, sub_mask [B, K, T]
+  (token mask; a subcaption is real when any token is)."""
+  sub_ids = jnp.asarray(sub_ids)
+  tok = jnp.asarray(sub_mask).astype(bool)
+  ids = jnp.where(tok, sub_ids, -1)                                             # pads compare equal
+  neg = jnp.take_along_axis(ids, neg_index[:, None, None], axis=1)[:, 0]      # [B, T]
+  equal = jnp.all(ids[:, :, None, :] == neg[None, None, :, :], axis=-1)       # [B, K, B]
+  real = jnp.any(tok, axis=-1)                                                  # [B, K]
+  return jnp.any(equal & real[:, :, None], axis=1)
+
+
 def region_logits(v_own: jax.Array, t_own: jax.Array, v_neg: jax.Array, t_neg: jax.Array,
                   scale: jax.Array | float, bias: jax.Array | float) -> jax.Array:
   """[B, K + B] logits z: own subcaptions first, then every slide's negative subcaption.
@@ -82,11 +101,14 @@ def region_logits(v_own: jax.Array, t_own: jax.Array, v_neg: jax.Array, t_neg: j
 def region_sigmoid_loss(v_own: jax.Array, t_own: jax.Array, v_neg: jax.Array, t_neg: jax.Array,
                         scale: jax.Array | float, bias: jax.Array | float, *,
                         own_mask: jax.Array | None = None,
-                        valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                        valid: jax.Array | None = None,
+                        not_negative: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """L_region (see the module docstring). Shapes as `region_logits`; own_mask [B, K] marks
-  real subcaptions, valid [B] real slides. Pairs with a padded slide or subcaption count
-  neither as positives nor as negatives; a slide without real subcaptions offers no
-  negative. Normaliser: the number of real positive pairs (B * K unpadded).
+  real subcaptions, valid [B] real slides, not_negative [B, B] (anchor b, slide c's
+  negative text) pairs to leave out (`same_subcaption_text`). Pairs with a padded slide or
+  subcaption count neither as positives nor as negatives; a slide without real
+  subcaptions offers no negative. Normaliser: the number of real positive pairs (B * K
+  unpadded).
 
   Returns (loss, {"region_pos_prob", "region_neg_prob"}: mean sigmoid(z) over positive and
   over negative pairs).
@@ -100,6 +122,8 @@ def region_sigmoid_loss(v_own: jax.Array, t_own: jax.Array, v_neg: jax.Array, t_
               else jnp.asarray(own_mask).astype(bool)) & valid[:, None]
   has_neg = jnp.any(own_mask, axis=-1)                                          # [B] slides c
   neg_mask = ~jnp.eye(b, dtype=bool) & valid[:, None] & has_neg[None, :]
+  if not_negative is not None:
+    neg_mask = neg_mask & ~jnp.asarray(not_negative).astype(bool)
   z = region_logits(v_own, t_own, v_neg, t_neg, scale, bias)
   labels = jnp.concatenate([jnp.ones((b, k)), -jnp.ones((b, b))], axis=1)
   mask = jnp.concatenate([own_mask, neg_mask], axis=1)

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from train_helpers import fake_devices
+
 from pathjax import losses_blip
 
 
@@ -229,7 +231,7 @@ if __name__ == "__main__":
 def test_losses_on_8_devices_equal_1_device(tmp_path):
   script = tmp_path / "blip_losses.py"
   script.write_text(_SCRIPT)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, XLA_FLAGS=fake_devices(1),
              JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd())
   proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                         timeout=600)

@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pathjax import losses_pathflip as lp
+from train_helpers import fake_devices
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -30,8 +31,9 @@ def _infonce_np(img, txt, valid, temperature=0.1, eps=0.1):
   return 0.5 * (ce(logits) + ce(logits.T))
 
 
-def _region_np(v_own, t_own, v_neg, t_neg, s, beta, own_mask, valid):
-  """-sum log sigmoid(y z) / P, pair by pair, straight from the spec."""
+def _region_np(v_own, t_own, v_neg, t_neg, s, beta, own_mask, valid, not_negative=None):
+  """-sum log sigmoid(y z) / P, pair by pair, straight from the spec; not_negative[i, c]
+  leaves slide c's negative out of anchor i's terms."""
   b, k = own_mask.shape
   total, n_pos = 0.0, 0
   logsig = lambda x: -np.logaddexp(0.0, -x)
@@ -44,7 +46,7 @@ def _region_np(v_own, t_own, v_neg, t_neg, s, beta, own_mask, valid):
         total -= logsig(z)
         n_pos += 1
     for c in range(b):
-      if c != i and valid[c] and own_mask[c].any():
+      if c != i and valid[c] and own_mask[c].any() and not (not_negative is not None and not_negative[i, c]):
         z = s * _norm(v_neg[i, c]) @ _norm(t_neg[c]) + beta
         total -= logsig(-z)
   return total / n_pos
@@ -88,6 +90,41 @@ def test_region_loss_matches_formula(padded):
   assert 0 < float(metrics["region_neg_prob"]) < 1
 
 
+def _same_text_loop(sub_ids, sub_mask, neg_index):
+  """same_subcaption_text, subcaption by subcaption: compare the real tokens as lists."""
+  b, k, _ = sub_ids.shape
+  text = lambda i, j: list(sub_ids[i, j][sub_mask[i, j]])
+  out = np.zeros((b, b), bool)
+  for i in range(b):
+    for c in range(b):
+      out[i, c] = any(sub_mask[i, j].any() and text(i, j) == text(c, neg_index[c]) for j in range(k))
+  return out
+
+
+def test_same_subcaption_text_and_the_loss_leaves_those_pairs_out():
+  rng = np.random.default_rng(3)
+  b, k, t = 6, 3, 5
+  sub_ids = rng.integers(5, 8, size=(b, k, t))           # a small vocabulary: repeats happen
+  lengths = rng.integers(0, t + 1, size=(b, k))
+  sub_mask = np.arange(t)[None, None] < lengths[..., None]
+  sub_ids = np.where(sub_mask, sub_ids, 0)
+  for i, j in ((2, 1), (4, 0)):                  # slide 4's negative is slide 2's subcaption 1
+    sub_ids[i, j], sub_mask[i, j] = [5, 6, 0, 0, 0], [True, True, False, False, False]
+  neg_index = np.array([0, 1, 2, 0, 0, 2])
+  got = np.asarray(lp.same_subcaption_text(sub_ids, sub_mask, neg_index))
+  want = _same_text_loop(sub_ids, sub_mask, neg_index)
+  np.testing.assert_array_equal(got, want)
+  assert want[2, 4] and want[4, 4]
+  # The loss drops exactly those (anchor, negative) pairs.
+  v_own, t_own, v_neg, t_neg, *_ = _data(b=b, k=k)
+  own = sub_mask.any(-1)
+  loss, _ = lp.region_sigmoid_loss(v_own, t_own, v_neg, t_neg, 2.0, -1.0, own_mask=own, not_negative=got)
+  np.testing.assert_allclose(float(loss), _region_np(v_own, t_own, v_neg, t_neg, 2.0, -1.0, own,
+                                                     np.ones(b, bool), want), **TOL)
+  full, _ = lp.region_sigmoid_loss(v_own, t_own, v_neg, t_neg, 2.0, -1.0, own_mask=own)
+  assert float(full) != float(loss)
+
+
 def test_region_loss_gradients_reach_scale_and_bias():
   v_own, t_own, v_neg, t_neg, *_ = _data()
   g = jax.grad(lambda s, b: lp.region_sigmoid_loss(v_own, t_own, v_neg, t_neg, s, b)[0],
@@ -115,7 +152,7 @@ def test_eight_devices_equal_one():
   import subprocess
   import sys
   here = os.path.dirname(os.path.abspath(__file__))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=fake_devices(8),
              JAX_PLATFORMS="cpu", PYTHONPATH=os.path.dirname(here))
   proc = subprocess.run([sys.executable, "-c", "import test_losses_pathflip as t; "
                          "t._eight_devices_equal_one()"], cwd=here, env=env, capture_output=True,

@@ -122,3 +122,49 @@ def test_attention_value_input_and_weights():
   with pytest.raises(ValueError, match="cache"):
     att.apply({"params": params}, x, return_weights=True,
               cache=layers.init_kv_cache(b, h, 8, d // h), cache_index=0)
+
+
+def test_heads_start_from_torchs_default_init_and_the_region_attention_looks():
+  """Trained from scratch, the heads start where torch's modules start: every kernel's std
+  equals the torch counterpart's (nn.Linear, nn.MultiheadAttention's in/out projections,
+  nn.TransformerEncoderLayer's feed-forward) within sampling error. With std-0.02 kernels the
+  region attention was uniform (1e-4 logits) and never learned to localize."""
+  d, heads_, ffn = 128, 8, 256
+  model = pf.PathFLIPHeads(width=d, depth=1, num_heads=heads_, mlp_dim=ffn, region_heads=heads_,
+                           dropout_rate=0.0)
+  tokens = jax.random.normal(jax.random.key(1), (2, 13, d))
+  texts = jax.random.normal(jax.random.key(2), (2, 5, d))
+  params = nn.unbox(model.init(jax.random.key(0), tokens, texts))["params"]
+  torch.manual_seed(0)
+  layer = torch.nn.TransformerEncoderLayer(d, heads_, ffn, batch_first=True)
+  linear = torch.nn.Linear(d, d)
+  std = lambda a: float(np.std(np.asarray(a)))
+  ctx, head = params["context"]["layers_0"], params["region_head"]
+  want = {"mha in-projection": std(layer.self_attn.in_proj_weight.detach()),
+          "mha out-projection": std(layer.self_attn.out_proj.weight.detach()),
+          "ffn linear1": std(layer.linear1.weight.detach()), "ffn linear2": std(layer.linear2.weight.detach()),
+          "linear": std(linear.weight.detach())}
+  got = {"mha in-projection": [ctx["attention"][n]["kernel"] for n in ("query", "key", "value")]
+         + [head["attention"][n]["kernel"] for n in ("query", "key", "value")],
+         "mha out-projection": [ctx["attention"]["out"]["kernel"], head["attention"]["out"]["kernel"]],
+         "ffn linear1": [ctx["mlp"]["fc1"]["kernel"]], "ffn linear2": [ctx["mlp"]["fc2"]["kernel"]],
+         "linear": [head[n]["kernel"] for n in ("w_q", "w_k", "w_v")]}
+  for name, kernels in got.items():
+    for k in kernels:
+      np.testing.assert_allclose(std(k), want[name], rtol=0.05, err_msg=name)
+  # At init the region weights already depend on the text (torch-sized logits).
+  _, _, w = model.apply({"params": params}, tokens, texts)
+  spread = np.asarray(w).std(axis=1).mean()       # across texts, per region
+  assert spread > 1e-3, spread
+
+
+def test_region_attention_focus():
+  from pathjax.recipes.pathflip import region_attention_focus
+  valid = np.array([[True, True, True, True, False]])
+  uniform = np.where(valid, 0.25, 0.0)[:, None].repeat(2, 1)
+  one = np.zeros((1, 2, 5))
+  one[0, :, 1] = 1.0
+  assert abs(float(region_attention_focus(uniform, valid))) < 1e-6
+  assert abs(float(region_attention_focus(one, valid)) - 1.0) < 1e-6
+  half = np.where(valid, [0.5, 0.5, 0.0, 0.0, 0.0], 0.0)[:, None].repeat(2, 1)
+  np.testing.assert_allclose(float(region_attention_focus(half, valid)), 1 - np.log(2) / np.log(4), rtol=1e-6)

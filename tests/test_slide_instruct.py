@@ -19,7 +19,7 @@ import instruct_helpers as IH
 from pathjax.config_lib import ConfigError
 from pathjax.input import instructions as inst
 from pathjax.recipes.base import make_recipe
-from train_helpers import assert_crash_resumes_exactly
+from train_helpers import assert_crash_resumes_exactly, fake_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -252,6 +252,26 @@ def test_bad_configs_are_clear_errors(paths, tmp_path):
     make_recipe(IH.config(paths, **{"data.instructions": str(tmp_path / "none.jsonl")})).records()
 
 
+def test_shapes_variant_builds_the_step_without_model_directories():
+  """`instruct_stage2,shapes` (pathjax compile): the align encoder's config and Qwen3-1.7B's
+  layout, no directories; the state's shapes come out, and training refuses clearly."""
+  from pathjax.config_lib import load_config_file
+  from train_helpers import ROOT
+  config = load_config_file(os.path.join(ROOT, "configs", "pathflip.py") + ":instruct_stage2,shapes")
+  assert not config.model.encoder_dir and not config.model.llm_dir
+  recipe = make_recipe(config)
+  batch = recipe.example_batch(2)
+  assert batch["features"].shape == (2, 10_240, 512)
+  tree = jax.eval_shape(lambda k: nn.unbox(recipe.init(k, batch)), jax.random.key(0))
+  assert tree["llm"]["embed"]["embedding"].shape == (151_936, 2048)
+  assert set(tree["encoder"]) == {"qformer", "heads"}
+  assert tree["projector"]["fc1"]["kernel"].shape[0] == 256     # the encoder's visual width
+  with pytest.raises(ConfigError, match="shapes only"):
+    recipe.train_iterator(0, 1)
+  with pytest.raises(ConfigError, match="shapes only"):
+    recipe.load_pretrained({}, set())
+
+
 # ---------------------------------------------------------------------------- training
 
 
@@ -338,7 +358,7 @@ def _eight_vs_one(root):
 def test_eight_devices_equal_one(tmp_path):
   """The stage-2 loss (LoRA non-zero) of a batch sharded over 8 devices equals 1 device;
   in a fresh process (XLA_FLAGS must be set before jax starts)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=fake_devices(8),
              PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", "import test_slide_instruct as t; "
                          f"t._eight_vs_one({str(tmp_path)!r})"], env=env, cwd=os.path.join(ROOT, "tests"),

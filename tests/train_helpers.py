@@ -6,6 +6,13 @@ from pathjax import config_lib
 from pathjax.metrics_log import TIMING_KEYS, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fake_devices(n: int) -> str:
+  """XLA_FLAGS for a subprocess with n CPU devices (conftest.SERIAL_COLLECTIVES: collectives in
+  program order, no rendezvous deadlocks)."""
+  return (f"--xla_force_host_platform_device_count={n} "
+          "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 TOY = os.path.join(ROOT, "configs", "toy.py")
 
 

@@ -36,6 +36,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from pathjax.config_lib import ConfigError
+from pathjax.input.json_lines import json_objects
 
 IMAGE = "<image>"
 TASKS = ("caption", "mcq", "open", "chat")
@@ -181,35 +182,27 @@ def read_instructions(path: str) -> list[dict]:
     raise ConfigError(f"data.instructions={path} does not exist (write synthetic ones with "
                       "`pathjax synth-slides --instructions`)")
   out = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path} line {number}"
-      try:
-        r = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise InstructionError(f"{where}: not JSON ({e.msg})") from None
-      if not isinstance(r, dict) or not isinstance(r.get("slide"), str) or not r["slide"]:
-        raise InstructionError(f"{where}: needs a \"slide\" id string")
-      msgs = r.get("messages")
-      if not isinstance(msgs, list) or not msgs or not all(
-          isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-          and isinstance(m.get("content"), str) for m in msgs):
-        raise InstructionError(f"{where}: \"messages\" must be a list of {{\"role\": system|user|"
-                               "assistant, \"content\": string}")
-      if msgs[-1]["role"] != "assistant":
-        raise InstructionError(f"{where}: the last message must be the assistant's answer")
-      n_img = sum(m["content"].count(IMAGE) for m in msgs)
-      if n_img != 1:
-        raise InstructionError(f"{where}: the conversation has {n_img} {IMAGE} placeholders; "
-                               f"put exactly one (where the slide goes) in a user message")
-      task = r.setdefault("task", "chat")
-      if task not in TASKS:
-        raise InstructionError(f"{where}: task {task!r}; valid: {', '.join(TASKS)}")
-      if task == "mcq" and r.get("answer") not in tuple(LETTERS):
-        raise InstructionError(f"{where}: a multiple-choice line needs \"answer\": one of A-D")
-      out.append(r)
+  for where, r in json_objects(path, InstructionError):
+    if not isinstance(r.get("slide"), str) or not r["slide"]:
+      raise InstructionError(f"{where}: needs a \"slide\" id string")
+    msgs = r.get("messages")
+    if not isinstance(msgs, list) or not msgs or not all(
+        isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+        and isinstance(m.get("content"), str) for m in msgs):
+      raise InstructionError(f"{where}: \"messages\" must be a list of {{\"role\": system|user|"
+                             "assistant, \"content\": string}")
+    if msgs[-1]["role"] != "assistant":
+      raise InstructionError(f"{where}: the last message must be the assistant's answer")
+    n_img = sum(m["content"].count(IMAGE) for m in msgs)
+    if n_img != 1:
+      raise InstructionError(f"{where}: the conversation has {n_img} {IMAGE} placeholders; "
+                             f"put exactly one (where the slide goes) in a user message")
+    task = r.setdefault("task", "chat")
+    if task not in TASKS:
+      raise InstructionError(f"{where}: task {task!r}; valid: {', '.join(TASKS)}")
+    if task == "mcq" and r.get("answer") not in tuple(LETTERS):
+      raise InstructionError(f"{where}: a multiple-choice line needs \"answer\": one of A-D")
+    out.append(r)
   if not out:
     raise InstructionError(f"{path} holds no conversations")
   return out

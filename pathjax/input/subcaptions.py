@@ -21,7 +21,6 @@ sampling for the slides it names.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from typing import Mapping, Sequence
@@ -29,6 +28,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from pathjax.config_lib import ConfigError
+from pathjax.input.json_lines import json_objects
 from pathjax.input.reports import ABBREVIATIONS
 
 # A sentence-ending mark followed by whitespace or the end of the text.
@@ -165,23 +165,15 @@ def load_subcaptions(path: str) -> dict[str, list[str]]:
     raise ConfigError(f"subcaption file {path} does not exist; write one JSON object per line: "
                       '{"slide": ID, "subcaptions": ["...", ...]}')
   out: dict[str, list[str]] = {}
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path} line {n}"
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ConfigError(f"{where}: not JSON ({e.msg}); fix or remove the line") from None
-      if not isinstance(row, dict) or "slide" not in row or "subcaptions" not in row:
-        raise ConfigError(f'{where}: needs "slide" and "subcaptions" fields')
-      subs = row["subcaptions"]
-      if (not isinstance(subs, list) or not subs
-          or not all(isinstance(s, str) and s.strip() for s in subs)):
-        raise ConfigError(f"{where}: subcaptions must be a non-empty list of non-empty strings")
-      slide = str(row["slide"])
-      if slide in out:
-        raise ConfigError(f"{where}: slide {slide!r} is listed twice; keep one line per slide")
-      out[slide] = [s.strip() for s in subs]
+  for where, row in json_objects(path, ConfigError):
+    if "slide" not in row or "subcaptions" not in row:
+      raise ConfigError(f'{where}: needs "slide" and "subcaptions" fields')
+    subs = row["subcaptions"]
+    if (not isinstance(subs, list) or not subs
+        or not all(isinstance(s, str) and s.strip() for s in subs)):
+      raise ConfigError(f"{where}: subcaptions must be a non-empty list of non-empty strings")
+    slide = str(row["slide"])
+    if slide in out:
+      raise ConfigError(f"{where}: slide {slide!r} is listed twice; keep one line per slide")
+    out[slide] = [s.strip() for s in subs]
   return out

@@ -81,7 +81,8 @@ def spread(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   x, m = x.reshape(-1, d), m.reshape(-1)
   n = jnp.maximum(m.sum(), 1.0)
   mean = x.sum(0) / n
-  var = jnp.maximum((x * x).sum(0) / n - mean * mean, 0.0)
+  # Two passes: E[x^2] - E[x]^2 cancels catastrophically near collapse, where it matters.
+  var = (jnp.square(x - mean) * m[:, None]).sum(0) / n
   return jax.lax.stop_gradient(jnp.mean(jnp.sqrt(var)) * jnp.sqrt(d))
 
 

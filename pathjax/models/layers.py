@@ -22,6 +22,14 @@ Array = jax.Array
 
 # timm and BERT initialise with a truncated normal of std 0.02; so do we (weights are usually loaded).
 default_kernel_init = nn.initializers.truncated_normal(stddev=0.02)
+# PyTorch's defaults, for modules trained from scratch that mirror torch modules (PathFLIP's
+# heads): nn.Linear's kaiming_uniform(a=sqrt(5)) is U(+-1 / sqrt(fan_in)), variance
+# 1 / (3 fan_in); nn.MultiheadAttention's packed in_proj [3E, E] is xavier_uniform, variance
+# 2 / (E + 3E) = 1 / (2 fan_in) per projection. (Biases stay zero, as MHA's own.) Stacked
+# std-0.02 projections, by contrast, leave a from-scratch attention's logits ~1e-4 of their
+# torch size: the attention starts uniform and barely learns.
+torch_linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+torch_mha_in_proj_init = nn.initializers.variance_scaling(0.5, "fan_in", "uniform")
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -207,6 +215,8 @@ class Attention(nn.Module):
   impl: str = "auto"
   dropout_rate: float = 0.0
   deterministic: bool = True
+  kernel_init: Callable = default_kernel_init       # query, key, value
+  out_kernel_init: Callable = default_kernel_init
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -224,7 +234,8 @@ class Attention(nn.Module):
     if self.num_heads % kv_heads:
       raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {kv_heads}")
     proj = functools.partial(dense, axes=("embed", "heads", "kv"), dtype=self.dtype,
-                             param_dtype=self.param_dtype, use_bias=self.use_bias)
+                             param_dtype=self.param_dtype, use_bias=self.use_bias,
+                             kernel_init=self.kernel_init)
     q = proj((self.num_heads, head_dim), name="query")(x)
     k = proj((kv_heads, head_dim), name="key")(kv)
     v = proj((kv_heads, head_dim), name="value")(value_input)
@@ -267,7 +278,7 @@ class Attention(nn.Module):
     out_bias = self.use_bias if self.out_bias is None else self.out_bias
     out = dense(self.out_features or x.shape[-1], ("heads", "kv", "embed"), in_axes=(-2, -1),
                 dtype=self.dtype, param_dtype=self.param_dtype, use_bias=out_bias,
-                name="out")(out)
+                kernel_init=self.out_kernel_init, name="out")(out)
     if return_weights:
       return out, weights
     return out if cache is None else (out, new_cache)
@@ -378,13 +389,15 @@ class Mlp(nn.Module):
   use_bias: bool = True
   dropout_rate: float = 0.0
   deterministic: bool = True
+  kernel_init: Callable = default_kernel_init
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     fc = functools.partial(dense, self.hidden_dim, ("embed", "mlp"), use_bias=self.use_bias,
-                           dtype=self.dtype, param_dtype=self.param_dtype)
+                           dtype=self.dtype, param_dtype=self.param_dtype,
+                           kernel_init=self.kernel_init)
     if self.activation == "swiglu":
       # Separate gate and up kernels (not one packed kernel) so tensor parallelism over "mlp"
       # keeps each gate next to its up column.
@@ -398,7 +411,8 @@ class Mlp(nn.Module):
     if self.dropout_rate > 0.0:
       h = nn.Dropout(self.dropout_rate)(h, deterministic=self.deterministic)
     return dense(self.out_features or x.shape[-1], ("mlp", "embed"), dtype=self.dtype,
-                 param_dtype=self.param_dtype, use_bias=self.use_bias, name="fc2")(h)
+                 param_dtype=self.param_dtype, use_bias=self.use_bias,
+                 kernel_init=self.kernel_init, name="fc2")(h)
 
 
 class LayerScale(nn.Module):

@@ -450,6 +450,21 @@ def read_model_json(path: str) -> dict[str, Any]:
   return meta
 
 
+def read_for_config(field: str, path: str, tower: str | None = None, hint: str = "") -> dict[str, Any]:
+  """read_model_json for the directory a config field names: problems become ConfigErrors
+  that name the field (exit code 2); with `tower`, the directory must hold that tower
+  (`hint` says how to make one)."""
+  from pathjax.config_lib import ConfigError
+  try:
+    meta = read_model_json(path)
+  except ModelDirError as e:
+    raise ConfigError(f"{field}: {e}") from None
+  if tower is not None and tower not in meta["towers"]:
+    raise ConfigError(f"{field} {path} has no {tower} tower (towers: {', '.join(meta['towers'])})"
+                      + (f"; {hint}" if hint else ""))
+  return meta
+
+
 def params_reader(path: str):
   """A lazy reader over DIR's params (one file, or shards with an index)."""
   index, single = os.path.join(path, PARAMS_INDEX), os.path.join(path, PARAMS_FILE)

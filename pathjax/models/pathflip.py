@@ -13,6 +13,13 @@ PyTorch counterparts in the public PathFLIP code at float32 tolerance (tests/tes
   returns the head-averaged attention weights over regions [B, T, L], the region factor of
   the localization map.
 
+Both start from PyTorch's default initialisation of those torch modules (they are trained
+from scratch): nn.Linear's U(+-1/sqrt(fan_in)) and MHA's xavier in-projections
+(layers.torch_linear_init, layers.torch_mha_in_proj_init). With the std-0.02 init of
+pretrained towers the region head's four stacked projections scale its attention logits by
+~1e-4: the region attention started uniform over regions and stayed there (localization at
+chance even on oracle patch features).
+
 `PathFLIPHeads` bundles both with the region loss's scale and bias (the model-directory
 tower next to the shared Q-Former; the recipe is pathjax/recipes/pathflip.py).
 
@@ -40,7 +47,8 @@ _ACT = ("act_batch", "act_len", "act_embed")
 def _attention(m: nn.Module) -> layers.Attention:
   """The torch nn.MultiheadAttention sublayer of a ContextLayer or RegionHead, from its fields."""
   return layers.Attention(num_heads=m.num_heads, dropout_rate=m.dropout_rate,
-                          deterministic=m.deterministic, dtype=m.dtype,
+                          deterministic=m.deterministic, kernel_init=layers.torch_mha_in_proj_init,
+                          out_kernel_init=layers.torch_linear_init, dtype=m.dtype,
                           param_dtype=m.param_dtype, name="attention")
 
 
@@ -64,7 +72,8 @@ class ContextLayer(nn.Module):
     h = _attention(self)(x, kv_mask=mask)
     x = norm(name="attention_norm")(x + drop(h))
     h = layers.Mlp(self.mlp_dim, self.activation, dropout_rate=self.dropout_rate,
-                   deterministic=self.deterministic, name="mlp", **kw)(x)
+                   deterministic=self.deterministic, kernel_init=layers.torch_linear_init,
+                   name="mlp", **kw)(x)
     x = norm(name="mlp_norm")(x + drop(h))
     return layers.constrain(x, _ACT)
 
@@ -112,7 +121,8 @@ class RegionHead(nn.Module):
   def __call__(self, texts: Array, regions: Array,
                region_mask: Array | None = None) -> tuple[Array, Array]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    proj = functools.partial(layers.dense, self.width, ("embed", "mlp"), **kw)
+    proj = functools.partial(layers.dense, self.width, ("embed", "mlp"),
+                             kernel_init=layers.torch_linear_init, **kw)
     q = proj(name="w_q")(texts)
     k = proj(name="w_k")(regions)
     v = proj(name="w_v")(regions)

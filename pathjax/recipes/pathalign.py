@@ -43,6 +43,7 @@ from pathjax import losses, losses_blip
 from pathjax.config_lib import ConfigError
 from pathjax.losses import l2_normalize
 from pathjax.models import layers
+from pathjax.models.heads import spread, unrelated_cosine
 from pathjax.models.qformer import QFormer
 
 log = logging.getLogger("pathjax.pathalign")
@@ -181,31 +182,46 @@ def slide_arrays(features: np.ndarray, grid: np.ndarray, m: int, rng: np.random.
   return {"features": out_f, "coords": out_c, "patch_mask": mask}
 
 
-class _SlideElements:
-  """Maps (global index, slide position) -> one training example; picklable for workers."""
+class SlideElements:
+  """Maps (global index, slide position) -> one training example; picklable for workers.
+  The shared part of the slide recipes' element functions: the embeddings opened lazily in
+  each worker, the slide, its report and the epoch (PathFLIP's subclass adds regions and
+  subcaptions)."""
 
-  def __init__(self, recipe: "PathAlignRecipe", data: SlideReportData, m: int):
+  def __init__(self, recipe, data: SlideReportData, m: int):
     self.directory = data.embeddings.directory
     self.manifest = data.embeddings.manifest
     self.slide_ids, self.texts = data.slide_ids, data.texts
     self.m, self.seed = m, int(recipe.config.seed)
     self.dtype = np.dtype(recipe.config.data.feature_dtype)
     self.tokenizer = recipe.tokenizer
-    self.llm_text = recipe.llm_text if recipe.stage == 2 else None
     self._emb = None
 
-  def __call__(self, index: int, position: int) -> dict[str, np.ndarray]:
+  def slide(self, index: int, position: int):
+    """(slide id, its SlideFeatures, epoch) of global element `index` at `position`."""
     if self._emb is None:
       from pathjax.embed_slides import SlideEmbeddings
       self._emb = SlideEmbeddings(self.directory, self.manifest)
-    n = len(self.slide_ids)
-    epoch = int(index) // n
     sid = self.slide_ids[position]
-    sf = self._emb[sid]
+    return sid, self._emb[sid], int(index) // len(self.slide_ids)
+
+  def report(self, position: int) -> dict[str, np.ndarray]:
+    ids, mask = self.tokenizer([self.texts[position]])
+    return {"text_ids": ids[0], "text_mask": mask[0], "slide_index": np.int32(position)}
+
+
+class _SlideElements(SlideElements):
+  """PathAlign: a uniform patch sample per slide and epoch, the report (and stage 2's LLM text)."""
+
+  def __init__(self, recipe: "PathAlignRecipe", data: SlideReportData, m: int):
+    super().__init__(recipe, data, m)
+    self.llm_text = recipe.llm_text if recipe.stage == 2 else None
+
+  def __call__(self, index: int, position: int) -> dict[str, np.ndarray]:
+    _, sf, epoch = self.slide(index, position)
     rng = np.random.default_rng([self.seed, epoch, int(position)])
     out = slide_arrays(sf.features, sf.grid, self.m, rng, self.dtype)
-    ids, mask = self.tokenizer([self.texts[position]])
-    out.update(text_ids=ids[0], text_mask=mask[0], slide_index=np.int32(position))
+    out.update(self.report(position))
     if self.llm_text is not None:
       out.update(self.llm_text.encode(self.texts[position]))
     return out
@@ -311,6 +327,17 @@ class PathAlignModel(nn.Module):
 # ------------------------------------------------------------------------------- recipe
 
 
+def collapse_monitors(img: jax.Array, txt: jax.Array) -> dict[str, jax.Array]:
+  """Collapse monitors of stage 1 (printed by the demo): the spread of the slide embeddings
+  (mean of the query embeddings), of the individual query embeddings and of the report
+  embeddings (~1 healthy, 0 when every slide maps to one direction), and the cosine of a
+  slide with other slides' reports (~0 healthy, 1 collapsed). img [B, Q, E], txt [B, E]."""
+  slide = jnp.mean(img.astype(jnp.float32), axis=1)
+  return {"monitor_slide_spread": spread(slide), "monitor_query_spread": spread(img),
+          "monitor_report_spread": spread(txt),
+          "monitor_itc_unrelated_cos": unrelated_cosine(slide[:, None], txt[:, None])}
+
+
 class PathAlignRecipe:
   """The trainer's view of PathAlign (pathjax.recipes.base.Recipe)."""
 
@@ -339,12 +366,7 @@ class PathAlignRecipe:
                         "input.tokenizer is empty: set --config.input.tokenizer=DIR")
     if m.init_dir:  # the Q-Former's own fields come from the model directory it starts from
       from pathjax.models import model_dir
-      try:
-        meta = model_dir.read_model_json(m.init_dir)
-      except model_dir.ModelDirError as e:
-        raise ConfigError(f"model.init_dir: {e}") from None
-      if "qformer" not in meta["towers"]:
-        raise ConfigError(f"model.init_dir {m.init_dir} has no qformer tower")
+      meta = model_dir.read_for_config("model.init_dir", m.init_dir, "qformer")
       stored = dict(meta["towers"]["qformer"]["config"])
       keep = {k: qf[k] for k in ("dropout_rate", "attention_dropout_rate", "deterministic") if k in qf}
       qf = {**stored, **keep}
@@ -361,13 +383,8 @@ class PathAlignRecipe:
     m = self.config.model
     if m.llm_dir:
       from pathjax.models import model_dir
-      try:
-        meta = model_dir.read_model_json(m.llm_dir)
-      except model_dir.ModelDirError as e:
-        raise ConfigError(f"model.llm_dir: {e}") from None
-      if "llm" not in meta["towers"]:
-        raise ConfigError(f"model.llm_dir {m.llm_dir} has no llm tower (write one with "
-                          "`pathjax convert --llm`)")
+      meta = model_dir.read_for_config("model.llm_dir", m.llm_dir, "llm",
+                                       "write one with `pathjax convert --llm`")
       fields = dict(meta["towers"]["llm"]["config"])
       # Only run-time choices; the layout (and `scan`, which shapes the tree) is the directory's.
       fields.update({k: v for k, v in m.llm_overrides.to_dict().items() if k in ("remat", "attention")})
@@ -479,7 +496,7 @@ class PathAlignRecipe:
     sim = losses_blip.itc_similarity(img, txt)
     l_itc, metrics = losses_blip.itc_loss(sim, temp, positive_mask=same,
                                           label_smoothing=float(cfg.label_smoothing))
-    metrics = dict(metrics, itc=l_itc, temperature=temp)
+    metrics = dict(metrics, itc=l_itc, temperature=temp, **collapse_monitors(img, txt))
     total = cfg.w_itc * l_itc
     if cfg.w_itm:
       # 'random': uniform over the admissible slides. Hard negatives (softmax of ITC, as

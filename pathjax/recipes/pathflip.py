@@ -57,9 +57,11 @@ from pathjax.config_lib import ConfigError
 from pathjax.input import regions as regions_lib
 from pathjax.input.subcaptions import SubcaptionSampler, load_subcaptions, slide_rng
 from pathjax.losses import l2_normalize
+from pathjax.models.heads import spread, unrelated_cosine
 from pathjax.models.pathflip import PathFLIPHeads
 from pathjax.models.qformer import PatchKV, QFormer
-from pathjax.recipes.pathalign import ReportTokenizer, SlideReportData, _dtype, _short, load_pairs
+from pathjax.recipes.pathalign import (ReportTokenizer, SlideElements, SlideReportData, _dtype,
+                                      _short, load_pairs)
 
 log = logging.getLogger("pathjax.pathflip")
 
@@ -236,7 +238,8 @@ class PathFLIPModel(nn.Module):
     v, w = self.condition(losses_pathflip.region_texts(t_own, t_neg), x[:, 1:], token_mask[:, 1:])
     s, beta = self.scale_and_bias()
     return {"global": x[:, 0], "caption": caption, "t_own": t_own, "t_neg": t_neg,
-            "v_own": v[:, :k], "v_neg": v[:, k:], "scale": s, "bias": beta, "region_weights": w}
+            "v_own": v[:, :k], "v_neg": v[:, k:], "scale": s, "bias": beta, "region_weights": w,
+            "regions": x[:, 1:], "region_valid": token_mask[:, 1:]}
 
   def __call__(self, features, coords, patch_mask, index, region_mask, ids, text_mask):
     """Every parameter once (initialisation): the Q-Former's own heads too, so its tower
@@ -308,38 +311,52 @@ def make_predict_fns(model: PathFLIPModel, params, *, region_method: str, region
           "region_attention": region_attention}
 
 
+
+def region_attention_focus(weights: jax.Array, valid: jax.Array) -> jax.Array:
+  """1 - entropy / log(real regions) of region weights [B, T, L] (valid [B, L]), averaged:
+  0 when a text's attention is uniform over the slide's regions (the region head does not
+  look, so its maps cannot localize), 1 when it picks one region."""
+  valid = jnp.asarray(valid).astype(bool)[:, None, :]
+  w = jnp.where(valid, weights.astype(jnp.float32), 0.0)
+  ent = -jnp.sum(jnp.where(w > 0, w * jnp.log(jnp.maximum(w, 1e-30)), 0.0), axis=-1)
+  n = jnp.sum(valid, axis=-1).astype(jnp.float32)
+  focus = jnp.where(n > 1, 1.0 - ent / jnp.log(jnp.maximum(n, 2.0)), 0.0)
+  return jax.lax.stop_gradient(jnp.mean(focus))
+
+
+def collapse_monitors(out: dict) -> dict[str, jax.Array]:
+  """Monitors of PathFLIP alignment (printed by the demo): spreads of the slide, caption,
+  region and subcaption embeddings (~1 healthy, 0 collapsed), the cosine of a slide with
+  other slides' captions (~0 healthy, 1 collapsed), and the region attention's focus."""
+  own = out["own_mask"]
+  return {"monitor_slide_spread": spread(out["global"]),
+          "monitor_caption_spread": spread(out["caption"]),
+          "monitor_region_spread": spread(out["regions"], out["region_valid"]),
+          "monitor_subcaption_spread": spread(out["t_own"], own),
+          "monitor_slide_unrelated_cos": unrelated_cosine(out["global"][:, None],
+                                                          out["caption"][:, None]),
+          "monitor_region_attention_focus": region_attention_focus(out["region_weights"],
+                                                                   out["region_valid"])}
+
 # ------------------------------------------------------------------------------- recipe
 
 
-class _SlideElements:
-  """Maps (global index, slide position) -> one training example; picklable for workers."""
+class _SlideElements(SlideElements):
+  """PathFLIP: L regions drawn per slide and epoch, the report and K subcaptions."""
 
   def __init__(self, recipe: "PathFLIPRecipe", data: SlideReportData, m: int):
-    self.directory = data.embeddings.directory
-    self.manifest = data.embeddings.manifest
-    self.slide_ids, self.texts = data.slide_ids, data.texts
-    self.m, self.seed = m, int(recipe.config.seed)
-    self.dtype = np.dtype(recipe.config.data.feature_dtype)
+    super().__init__(recipe, data, m)
     mc = recipe.config.model
     self.method, self.size, self.num_regions = mc.regions, int(mc.region_size), int(mc.num_regions)
-    self.tokenizer, self.sub_tokenizer = recipe.tokenizer, recipe.sub_tokenizer
-    self.sampler = recipe.sampler
-    self._emb = None
+    self.sub_tokenizer, self.sampler = recipe.sub_tokenizer, recipe.sampler
 
   def __call__(self, index: int, position: int) -> dict[str, np.ndarray]:
-    if self._emb is None:
-      from pathjax.embed_slides import SlideEmbeddings
-      self._emb = SlideEmbeddings(self.directory, self.manifest)
-    epoch = int(index) // len(self.slide_ids)
-    sid = self.slide_ids[position]
-    sf = self._emb[sid]
+    sid, sf, epoch = self.slide(index, position)
     out = slide_example(sf.features, sf.grid, method=self.method, size=self.size,
                         num_regions=self.num_regions, m=self.m,
                         rng=slide_rng(self.seed, sid, epoch, stream=1), dtype=self.dtype)
-    ids, mask = self.tokenizer([self.texts[position]])
     sub_ids, sub_mask = self.sub_tokenizer(self.sampler(sid, self.texts[position], epoch))
-    out.update(text_ids=ids[0], text_mask=mask[0], sub_ids=sub_ids, sub_mask=sub_mask,
-               slide_index=np.int32(position))
+    out.update(self.report(position), sub_ids=sub_ids, sub_mask=sub_mask)
     return out
 
 
@@ -376,12 +393,7 @@ class PathFLIPRecipe:
                         "input.tokenizer is empty: set --config.input.tokenizer=DIR")
     if m.init_dir:  # a Q-Former to start from (convert --bert, PathAlign stage 1)
       from pathjax.models import model_dir
-      try:
-        meta = model_dir.read_model_json(m.init_dir)
-      except model_dir.ModelDirError as e:
-        raise ConfigError(f"model.init_dir: {e}") from None
-      if "qformer" not in meta["towers"]:
-        raise ConfigError(f"model.init_dir {m.init_dir} has no qformer tower")
+      meta = model_dir.read_for_config("model.init_dir", m.init_dir, "qformer")
       stored = dict(meta["towers"]["qformer"]["config"])
       keep = {k: qf[k] for k in ("dropout_rate", "attention_dropout_rate", "deterministic") if k in qf}
       qf = {**stored, **keep}
@@ -478,6 +490,7 @@ class PathFLIPRecipe:
       batch[key] = jnp.asarray(batch[key]).astype(jnp.int32)
     out = model.apply({"params": params}, batch, neg, method=PathFLIPModel.train_outputs, rngs=rngs)
     out["own_mask"], out["neg_index"] = own_mask, neg
+    out["same_text"] = losses_pathflip.same_subcaption_text(batch["sub_ids"], batch["sub_mask"], neg)
     return out
 
   def loss(self, params, batch, rng, train: bool = True):
@@ -488,10 +501,13 @@ class PathFLIPRecipe:
                                             label_smoothing=float(cfg.label_smoothing))
     l_region, metrics = losses_pathflip.region_sigmoid_loss(
         out["v_own"], out["t_own"], out["v_neg"], out["t_neg"], out["scale"], out["bias"],
-        own_mask=out["own_mask"])
+        own_mask=out["own_mask"], not_negative=out["same_text"])
     total = float(cfg.w_slide) * l_slide + float(cfg.w_region) * l_region
     metrics = dict(metrics, loss=total, slide=l_slide, region=l_region,
-                   region_scale=out["scale"], region_bias=out["bias"])
+                   region_scale=out["scale"], region_bias=out["bias"], **collapse_monitors(out))
+    b = out["same_text"].shape[0]
+    # Share of (anchor, other slide) pairs whose negative text is one of the anchor's own.
+    metrics["region_same_text"] = jnp.sum(out["same_text"] & ~jnp.eye(b, dtype=bool)) / max(b * (b - 1), 1)
     return total, metrics
 
   def frozen_patterns(self) -> tuple[str, ...]:

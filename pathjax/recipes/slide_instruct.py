@@ -104,18 +104,29 @@ def stored_config(directory: str) -> ml_collections.ConfigDict:
 class FrozenEncoder:
   """A visual encoder rebuilt from an exported model directory (see the module docstring)."""
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, config_spec: str = ""):
+    """`config_spec` instead of `directory` ("configs/pathflip.py:align"): the encoder's
+    shapes only, for `pathjax compile` (no weights to load)."""
     from pathjax.models import model_dir
     from pathjax.recipes.base import make_recipe
-    if not directory:
+    if not directory and not config_spec:
       raise ConfigError("model.encoder_dir is empty: set it to an exported model directory whose "
                         "recipe has a visual_tokens predict function (PathFLIP align, PathAlign)")
-    self.directory = os.path.abspath(directory)
-    meta = model_dir.read_model_json(self.directory)
-    cfg = stored_config(self.directory)
+    self.directory = os.path.abspath(directory) if directory else None
+    if self.directory:
+      meta = model_dir.read_model_json(self.directory)
+      cfg = stored_config(self.directory)
+      if meta.get("tokenizer") and "input" in cfg and "tokenizer" in cfg.input:
+        cfg.input.tokenizer = os.path.join(self.directory, meta["tokenizer"])  # the copy it holds
+      if cfg.get("model", {}).get("init_dir"):
+        # The towers the run started from are in its export too (same layout): the encoder
+        # does not depend on that starting directory still being where it was.
+        cfg.model.init_dir = self.directory
+    else:
+      from pathjax.config_lib import load_config_file
+      meta = None
+      cfg = load_config_file(config_spec)
     cfg.evals = []
-    if meta.get("tokenizer") and "input" in cfg and "tokenizer" in cfg.input:
-      cfg.input.tokenizer = os.path.join(self.directory, meta["tokenizer"])  # the copy it holds
     try:
       self.recipe = make_recipe(cfg)
     except ValueError as e:
@@ -124,7 +135,8 @@ class FrozenEncoder:
     if "visual_tokens" not in self.recipe.predict_fns(None):
       raise ConfigError(f"model.encoder_dir {directory}: recipe {cfg.recipe!r} has no "
                         "visual_tokens predict function (valid encoders: pathflip, pathalign)")
-    self.towers = tuple(meta["towers"])
+    # Shapes only: every parameter group of the recipe (its export's towers are those).
+    self.towers = tuple(meta["towers"]) if meta else None
 
   def init(self, rng) -> dict:
     """The encoder's (boxed) parameters under its exported towers."""
@@ -135,6 +147,8 @@ class FrozenEncoder:
       # it was trained) need not exist here; recipes whose init ignores the batch still build.
       batch = None
     tree = self.recipe.init(rng, batch)
+    if self.towers is None:
+      self.towers = tuple(k for k in tree if k != "encoder")
     missing = [t for t in self.towers if t not in tree]
     if missing:
       raise ConfigError(f"{self.directory}: towers {missing} are not parameter groups of recipe "
@@ -233,7 +247,7 @@ class SlideInstructRecipe:
       raise ConfigError(f"model.stage={m.stage}; valid: 1 (projector), 2 (projector + LoRA)")
     self.compute_dtype = _dtype(config.precision.compute_dtype)
     self.param_dtype = _dtype(config.precision.param_dtype)
-    self.encoder = FrozenEncoder(m.encoder_dir)
+    self.encoder = FrozenEncoder(m.encoder_dir, m.get("encoder_config", ""))
     self._setup_llm()
     self.lora = None
     if self.stage == 2 and int(m.lora.rank) > 0:
@@ -251,14 +265,16 @@ class SlideInstructRecipe:
     from pathjax.models import model_dir
     m = self.config.model
     if not m.llm_dir:
-      raise ConfigError("model.llm_dir is empty: set it to a `pathjax convert --llm` directory "
-                        "(with its tokenizer)")
-    try:
-      meta = model_dir.read_model_json(m.llm_dir)
-    except model_dir.ModelDirError as e:
-      raise ConfigError(f"model.llm_dir: {e}") from None
-    if "llm" not in meta["towers"]:
-      raise ConfigError(f"model.llm_dir {m.llm_dir} has no llm tower (`pathjax convert --llm`)")
+      fields = m.llm_overrides.to_dict()
+      if not fields.get("hidden_size"):
+        raise ConfigError("model.llm_dir is empty: set it to a `pathjax convert --llm` directory "
+                          "(with its tokenizer), or give model.llm_overrides the LLM's fields for "
+                          "an AOT compile (the `shapes` variant)")
+      # Shapes only (pathjax compile): no tokenizer, no weights.
+      self.llm_fields, self.llm_meta, self.tokenizer_dir, self.chat = dict(fields), {}, None, None
+      return
+    meta = model_dir.read_for_config("model.llm_dir", m.llm_dir, "llm",
+                                     "write one with `pathjax convert --llm`")
     if not meta.get("tokenizer"):
       raise ConfigError(f"model.llm_dir {m.llm_dir} stores no tokenizer")
     fields = dict(meta["towers"]["llm"]["config"])
@@ -267,6 +283,12 @@ class SlideInstructRecipe:
     self.llm_meta = meta
     self.tokenizer_dir = os.path.join(m.llm_dir, meta["tokenizer"])
     self.chat = inst.ChatEncoder(self.tokenizer_dir, int(m.text_len))
+
+  def _need_weights(self):
+    if self.encoder.directory is None or self.chat is None:
+      raise ConfigError("model.encoder_config / model.llm_overrides without model.encoder_dir and "
+                        "model.llm_dir describe shapes only (pathjax compile); training needs "
+                        "model.encoder_dir and model.llm_dir")
 
   # -- data ------------------------------------------------------------------------------
 
@@ -377,6 +399,7 @@ class SlideInstructRecipe:
     if self.config.batch_size % process_count:
       raise ConfigError(f"batch_size {self.config.batch_size} is not divisible by "
                         f"{process_count} processes")
+    self._need_weights()
     records = self.records("train")
     elements = _Elements(self, records, self._num_patches())
     long = sum(self.chat.encode(r["messages"]).truncated for r in records[:256])
@@ -435,6 +458,7 @@ class SlideInstructRecipe:
     """Encoder towers from model.encoder_dir and the LLM from model.llm_dir (every start, no
     adapters), the projector from model.init_dir (fresh starts, when it has one)."""
     from pathjax.models import model_dir
+    self._need_weights()
     m = self.config.model
     out: dict[str, jax.Array] = {}
 
@@ -454,13 +478,8 @@ class SlideInstructRecipe:
       tower(self.encoder.directory, t, f"encoder/{t}/")
     tower(m.llm_dir, "llm", "llm/")
     if m.init_dir:
-      try:
-        meta = model_dir.read_model_json(m.init_dir)
-      except model_dir.ModelDirError as e:
-        raise ConfigError(f"model.init_dir: {e}") from None
-      if "projector" not in meta["towers"]:
-        raise ConfigError(f"model.init_dir {m.init_dir} has no projector tower (a stage-1 export "
-                          "of this recipe)")
+      model_dir.read_for_config("model.init_dir", m.init_dir, "projector",
+                                "a stage-1 export of this recipe has one")
       tower(m.init_dir, "projector", "projector/")
     return out
 
