@@ -27,6 +27,7 @@ data.split_seed); the evaluation tasks in pathjax/evaluate/slides.py read the he
 import ml_collections
 
 from pathjax.config_lib import pick_variant
+from pathjax.models.llm import LAYOUTS
 from pathjax.train_config import default_train_config
 
 SIZES = ("smoke", "retrieval", "stage1", "stage2")
@@ -34,11 +35,7 @@ ABLATIONS = ("no_itm", "no_itg", "no_pos", "one_query", "no_smoothing", "patches
 
 # A 7B-class Llama layout (Llama-2-7B's fields) for synthetic batches and AOT compiles; a
 # real run takes every field from model.llm_dir.
-LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
-                intermediate_size=11008, norm_eps=1e-5, rope_theta=10000.0, scan=True,
-                remat="full")
-TINY_LLM = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                intermediate_size=128, scan=True)
+LLAMA_7B, TINY_LLM = LAYOUTS["llama2_7b"], LAYOUTS["tiny"]
 
 
 def _qformer(size: str) -> ml_collections.ConfigDict:

@@ -45,19 +45,13 @@ import os
 import ml_collections
 
 from pathjax.config_lib import pick_variant
+from pathjax.models.llm import LAYOUTS
 from pathjax.train_config import default_train_config
 
 PAPER_SCALE_INIT = math.log(1 / 0.07)
 SIZES = ("smoke", "align")
 INSTRUCT = ("instruct_stage1", "instruct_stage2")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-# Qwen3-1.7B's layout (its config.json), for `instruct_*,shapes` compiles; a real run takes every
-# field from model.llm_dir.
-QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8,
-                  head_dim=128, intermediate_size=6144, norm_eps=1e-6, rope_theta=1_000_000.0,
-                  qk_norm=True, tie_embeddings=True, scan=True, remat="full")
-TINY_LLM = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                intermediate_size=128, scan=True)
 ABLATIONS = ("grid", "k4", "k16", "l12", "l48", "s64", "s1024", "slide_only", "region_only",
              "later_init", "no_pos")
 
@@ -137,7 +131,7 @@ def _instruct_config(stage: int, smoke: bool, shapes: bool = False) -> ml_collec
     # (The align encoder either way: smoke's Q-Former takes its vocabulary from a tokenizer.)
     config.model.encoder_config = f"{os.path.abspath(__file__)}:align"
     config.model.llm_overrides = ml_collections.ConfigDict(
-        dict(TINY_LLM if smoke else QWEN3_1_7B, attention="auto"))
+        dict(LAYOUTS["tiny" if smoke else "qwen3_1.7b"], attention="auto"))
     config.data.feature_dim = 512
   return config
 

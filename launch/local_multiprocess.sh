@@ -37,6 +37,8 @@ mkdir -p -- "$logroot"
 logdir=$(mktemp -d "$logroot/pathjax-launch.$(date -u +%Y%m%dT%H%M%S).XXXXXX")
 echo "logs: $logdir" >&2
 
+# Fake CPU devices: XLA's concurrency-optimised CPU scheduler may order collectives differently
+# per device, and their threads then wait for each other forever; the plain one keeps order.
 pids=()
 for ((i = 0; i < num; i++)); do
   PATHJAX_COORDINATOR=127.0.0.1:$port PATHJAX_NUM_PROCESSES=$num PATHJAX_PROCESS_ID=$i \

@@ -195,7 +195,7 @@ def print_monitors(m: dict) -> None:
   if m:
     print("  collapse monitors, last training step (spread: ~1 healthy, 0 collapsed; unrelated "
           "cos: ~0 healthy, 1 collapsed):\n    "
-          + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if "focus" not in k))
+          + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
 
 
 def print_summary(results: dict) -> None:

@@ -151,15 +151,16 @@ def print_summary(results: dict) -> None:
   print("PathFLIP on held-out synthetic slides:")
   r = results.get("retrieval", {})
   from pathjax.demo_pathalign import print_monitors, print_retrieval
-  m = results.get("monitors", {})
+  m = dict(results.get("monitors", {}))
+  focus = m.pop("region_attention_focus", None)   # printed with the region head below
   print_monitors(m)
   pos, neg = results.get("region_probs", (None, None))
-  if pos is not None and "region_attention_focus" in m:
+  if pos is not None and focus is not None:
     # A region head stuck at a constant gives every pair the same p; attention focus 0 is
     # uniform attention over regions (maps that cannot localize).
     print(f"  region head, last training step: p(match) {pos:.3f} for the slide's own "
           f"subcaptions vs {neg:.3f} for other slides'; region attention focus "
-          f"{m['region_attention_focus']:.3f} (0 uniform over regions, 1 one region)")
+          f"{focus:.3f} (0 uniform over regions, 1 one region)")
   print_retrieval(r)
   loc = results.get("localization", {})
   if "pointing_game" in loc:

@@ -45,6 +45,19 @@ from pathjax.models import layers
 Array = jax.Array
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# Published layouts (from their config.json) for synthetic batches and AOT compiles without
+# a model directory (configs' llm_overrides); a real run takes every field from its directory.
+LAYOUTS: dict[str, dict] = {
+    "llama2_7b": dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
+                      num_kv_heads=32, intermediate_size=11008, norm_eps=1e-5, rope_theta=10000.0,
+                      scan=True, remat="full"),
+    "qwen3_1.7b": dict(vocab_size=151936, hidden_size=2048, num_layers=28, num_heads=16,
+                       num_kv_heads=8, head_dim=128, intermediate_size=6144, norm_eps=1e-6,
+                       rope_theta=1_000_000.0, qk_norm=True, tie_embeddings=True, scan=True,
+                       remat="full"),
+    "tiny": dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                 intermediate_size=128, scan=True),
+}
 ROPE_TYPES = ("default", "linear", "llama3")
 # HF short names (q, k, v, o, gate, up, down) -> regex over the parameter paths.
 LORA_TARGETS: dict[str, str] = {
