@@ -40,7 +40,7 @@ def get_config(arg=None):
   config.export_model = True
   config.data = ml_collections.ConfigDict(dict(
       path="",                   # JSON-lines (text in `field`) or text file (one text a line)
-      field="report",
+      field="report",            # the text field; "messages": conversations (chat data, SFT)
       seq_len=64,                # tokens per row (texts cut or padded; or packed)
       packing=False,
       tokenizer="",              # a tokenizer directory; "" = the init_dir's, else train one

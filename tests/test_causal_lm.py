@@ -200,3 +200,60 @@ def test_packed_rows_and_predict_fns(corpus):
   assert logits.shape == (2, 16, recipe.model.vocab_size)
   out = fns["generate"]([[recipe.tokenizer.bos_token_id]], max_new_tokens=3)
   assert len(out) == 1 and 1 <= len(out[0]) <= 3
+
+
+@pytest.fixture(scope="module")
+def chat_base(base_dir, tmp_path_factory):
+  """The finetune base with a ChatML-style template on its tokenizer."""
+  import shutil
+  from pathjax.input import instructions as inst
+  out = str(tmp_path_factory.mktemp("chat") / "model")
+  shutil.copytree(base_dir, out)
+  inst.add_chat_template(os.path.join(out, model_dir.read_model_json(out)["tokenizer"]))
+  return out
+
+
+def _write_chats(path, conversations):
+  with open(path, "w") as f:
+    for msgs in conversations:
+      f.write(json.dumps({"messages": msgs}) + "\n")
+  return str(path)
+
+
+def test_chat_rows_target_exactly_the_assistant_turns(corpus, chat_base, tmp_path):
+  from transformers import AutoTokenizer
+  chats = [[{"role": "user", "content": "Which tumor?"}, {"role": "assistant", "content": "Carcinoma."}],
+           [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Nodes?"},
+            {"role": "assistant", "content": "Two of three."}, {"role": "user", "content": "Necrosis?"},
+            {"role": "assistant", "content": "Yes."}]]
+  path = _write_chats(tmp_path / "chat.jsonl", chats)
+  recipe = causal_lm.make_recipe(_config(corpus, **{"model.init_dir": chat_base, "data.path": path,
+                                                    "data.field": "messages", "data.seq_len": 256}))
+  ex = recipe.examples()
+  tok = AutoTokenizer.from_pretrained(recipe.tokenizer_dir, local_files_only=True)
+  for i, msgs in enumerate(chats):
+    targets = ex["targets"][i][ex["loss_mask"][i]]
+    # The targeted tokens are each assistant answer followed by eos, nothing else.
+    expected = []
+    for m in msgs:
+      if m["role"] == "assistant":
+        expected += tok(m["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert targets.tolist() == expected
+    np.testing.assert_array_equal(ex["inputs"][i][1:], ex["targets"][i][:-1])
+  assert ex["attention_mask"].sum() > ex["loss_mask"].sum()
+
+
+def test_chat_data_errors_name_the_fix(corpus, base_dir, chat_base, tmp_path):
+  with_image = _write_chats(tmp_path / "img.jsonl", [[{"role": "user", "content": "<image>\nWhat?"},
+                                                      {"role": "assistant", "content": "Tumor."}]])
+  plain = _write_chats(tmp_path / "plain.jsonl", [[{"role": "user", "content": "What?"},
+                                                   {"role": "assistant", "content": "Tumor."}]])
+  chat = {"data.field": "messages", "data.seq_len": 64}
+  cases = [(dict(chat, **{"model.init_dir": chat_base, "data.path": with_image}), "<image>"),
+           (dict(chat, **{"model.init_dir": base_dir, "data.path": plain}), "chat template"),
+           (dict(chat, **{"data.path": plain}), "chat template"),
+           (dict(chat, **{"model.init_dir": chat_base, "data.path": plain, "data.packing": True}),
+            "packing=false")]
+  for overrides, words in cases:
+    with pytest.raises(ConfigError, match=words):
+      causal_lm.make_recipe(_config(corpus, **overrides)).examples()

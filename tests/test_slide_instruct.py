@@ -65,6 +65,37 @@ def test_synthetic_instructions_are_deterministic_and_correct(tmp_path):
   options = ["tumor", "stroma", "10 to 25%", "mucus"]
   assert inst.parse_choice("Stroma.", options) == "B" and inst.parse_choice("10 to 25%", options) == "C"
   assert inst.parse_choice("stroma and tumor", options) is None and inst.parse_choice("D", options) == "D"
+  # The same conversations about the report as text: the report where the slide was, no captions.
+  text = inst.text_only_conversations(a, {"s-1": "Sections show tumor."})
+  assert [r["task"] for r in text] == [r["task"] for r in a if r["task"] != "caption"]
+  for r, t in zip([r for r in a if r["task"] != "caption"], text):
+    assert t["messages"][0]["content"] == r["messages"][0]["content"].replace(inst.IMAGE, "Sections show tumor.")
+    assert t["messages"][1:] == r["messages"][1:] and t.get("answer") == r.get("answer")
+  assert inst.text_only_conversations(a, {}) == []
+  # Answers as the option's text: the same questions, the reply is the gold option.
+  b = inst.slide_instructions("s-1", frac, "Sections show tumor.", seed=3, answer_with="option")
+  for r, o in zip(a, b):
+    if r["task"] == "mcq":
+      assert o["answer"] == r["answer"] and o["choices"] == r["choices"]
+      assert o["messages"][1]["content"] == o["choices"][inst.LETTERS.index(o["answer"])]
+      assert inst.parse_choice(o["messages"][1]["content"], o["choices"]) == o["answer"]
+    else:
+      assert o == r
+
+
+def test_vqa_reports_a_constant_answer():
+  from pathjax.evaluate.instruct import run_vqa
+
+  class AlwaysC:
+    def answer(self, slides, conversations, max_new_tokens):
+      return ["C"] * len(slides)
+
+  frac = {"tumor": 0.5, "stroma": 0.3, "lymphocytes": 0.2}
+  records = [r for i in range(8) for r in inst.slide_instructions(f"s-{i}", frac, None, seed=i, mcq_per_slide=3)
+             if r["task"] == "mcq"]
+  res = run_vqa(records, AlwaysC(), report=lambda s: None)
+  assert res.metrics["top_answer_share"] == 1.0 and res.metrics["unparsed"] == 0.0
+  assert res.metrics["accuracy"] == np.mean([r["answer"] == "C" for r in records])
 
 
 
@@ -413,3 +444,25 @@ def test_lora_dropout_runs_through_the_scanned_llm(paths):
   a, b = fn(params, jax.random.key(1), True), fn(params, jax.random.key(2), True)
   c, d = fn(params, jax.random.key(1), False), fn(params, jax.random.key(2), False)
   assert float(a) != float(b) and float(c) == float(d)
+
+
+def test_answer_prior_picks_the_option_most_often_right_for_the_question():
+  from pathjax.evaluate.instruct import answer_prior_accuracy
+
+  def q(question, choices, answer):
+    body = "\n".join(f"{l}. {c}" for l, c in zip(inst.LETTERS, choices))
+    return {"messages": [{"role": "user", "content": f"{inst.IMAGE}\n{question}\n{body}"},
+                         {"role": "assistant", "content": answer}],
+            "task": "mcq", "answer": answer, "choices": choices}
+
+  dom, share = "Which tissue dominates this slide?", "Roughly what share of the tissue is tumor?"
+  train = [q(dom, ["tumor", "stroma", "mucus", "fat"], "A"), q(dom, ["stroma", "tumor", "mucus", "fat"], "B"),
+           q(dom, ["stroma", "mucus", "tumor", "fat"], "A"),
+           q(share, ["under 10%", "over 50%", "10 to 25%", "25 to 50%"], "B")]
+  test = [q(dom, ["fat", "mucus", "stroma", "tumor"], "D"),        # tumor: right twice in training
+          q(dom, ["fat", "mucus", "necrosis", "stroma"], "A"),     # stroma (once) beats fat (never)
+          q(share, ["over 50%", "under 10%", "10 to 25%", "25 to 50%"], "A"),
+          q("Roughly what share of the tissue is mucus?", ["over 50%", "under 10%", "10 to 25%",
+                                                          "25 to 50%"], "B")]  # unseen: first option
+  res = answer_prior_accuracy(train, test)
+  assert res == {"accuracy": 0.5, "accuracy_dominant": 0.5, "accuracy_share": 0.5}

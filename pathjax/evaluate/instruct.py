@@ -7,7 +7,9 @@ Tasks (registered at import; `config.evals` entries with `data` "heldout", "trai
                   question (the gold assistant turn removed) is parsed for the option it
                   picks (instructions.parse_choice: an option's text exactly, or "B", "B.",
                   "(B) ...") and must be the gold option; chance = mean 1 / number of choices (0.25 for A-D), printed
-                  beside the accuracy. Also accuracy per question kind (dominant / absent / share).
+                  beside the accuracy. Also accuracy per question kind (dominant / absent / share)
+                  and the share of questions given the most frequent answer (a model stuck at
+                  one letter scores that letter's gold share, near chance but not chance).
   slide_caption   captioning conversations (task "caption"): generated reports vs the true
                   ones with pathjax.evaluate.text_metrics (BLEU, ROUGE-L) next to the most
                   frequent training caption.
@@ -65,8 +67,12 @@ def run_vqa(records: list[dict], model: SlideChatModel, *, report=print) -> Task
   picked = [inst.parse_choice(a, r.get("choices")) for a, r in zip(answers, records)]
   hit = np.array([p == r["answer"] for p, r in zip(picked, records)], float)
   chance = float(np.mean([1.0 / len(r.get("choices") or inst.LETTERS) for r in records]))
+  letters = [p for p in picked if p is not None]
+  top = max(set(letters), key=letters.count) if letters else None
   metrics: dict[str, Any] = {"accuracy": float(hit.mean()), "chance": chance, "n": float(len(records)),
-                             "unparsed": float(np.mean([p is None for p in picked]))}
+                             "unparsed": float(np.mean([p is None for p in picked])),
+                             # A head stuck at one answer scores the gold share of that letter.
+                             "top_answer_share": letters.count(top) / len(records) if top else 0.0}
   kinds = [_question_kind(r) for r in records]
   for k in sorted(set(kinds)):
     sel = np.array([x == k for x in kinds])
@@ -74,11 +80,42 @@ def run_vqa(records: list[dict], model: SlideChatModel, *, report=print) -> Task
   summary = (f"multiple-choice VQA over {len(records)} questions: accuracy "
              f"{metrics['accuracy']:.3f} (chance {chance:.3f}); "
              + ", ".join(f"{k} {metrics[f'accuracy_{k}']:.2f}" for k in sorted(set(kinds)))
-             + f"; unparsed answers {metrics['unparsed']:.2f}")
+             + f"; unparsed answers {metrics['unparsed']:.2f}; the most frequent answer ({top}) "
+             f"is given to {metrics['top_answer_share']:.2f} of the questions (1.00: a constant answer)")
   report(summary)
   preds = [{"slide": r["slide"], "answer": r["answer"], "generated": a, "correct": bool(h)}
            for r, a, h in zip(records, answers, hit)]
   return TaskResult("slide_vqa", metrics, preds, summary=summary)
+
+
+def answer_prior_accuracy(train: Sequence[dict], test: Sequence[dict]) -> dict[str, float]:
+  """A slide-blind baseline for multiple-choice questions: each test question answered with
+  its option that was most often the right one for the same question (its text without the
+  options, e.g. "what share of the tissue is tumor?") in training (ties: the first option).
+  What VQA accuracy a model that ignores the slide can reach from the question and its
+  options alone; overall and per kind."""
+  from collections import Counter
+
+  def question(r):
+    text = " ".join(m["content"] for m in r["messages"] if m["role"] == "user")
+    return text.replace(inst.IMAGE, "").split("\nA. ")[0].strip()
+
+  right = Counter()
+  for r in train:
+    if r.get("choices"):
+      right[(question(r), r["choices"][inst.LETTERS.index(r["answer"])])] += 1
+  hits, kinds = [], []
+  for r in test:
+    kind, q = _question_kind(r), question(r)
+    options = r.get("choices") or []
+    pick = max(range(len(options)), key=lambda i: (right[(q, options[i])], -i)) if options else -1
+    hits.append(pick >= 0 and inst.LETTERS[pick] == r["answer"])
+    kinds.append(kind)
+  hits_ = np.array(hits, float)
+  out = {"accuracy": float(hits_.mean()) if len(hits) else 0.0}
+  for k in sorted(set(kinds)):
+    out[f"accuracy_{k}"] = float(hits_[np.array([x == k for x in kinds])].mean())
+  return out
 
 
 def run_caption(records: list[dict], model: SlideChatModel, *, train_texts: Sequence[str] | None,

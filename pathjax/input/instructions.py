@@ -16,8 +16,10 @@ conversations per training stage (`data.tasks`) and evaluation task ("caption", 
 Synthetic data (`synthetic_instructions`) comes from the ground truth of synthetic slides
 (`synth.read_truth`: each class's share of the tissue) and their reports: captioning (the
 report), multiple-choice A-D (which tissue dominates, which is absent, roughly what share
-one tissue covers; distractors from the other classes or share bins) and open questions
-(which tissues are present; is there tumor). Deterministic per (seed, slide).
+one tissue covers; distractors from the other classes or share bins; answered with the
+letter, or with the option's text for an LLM that cannot look a letter up among the
+options) and open questions (which tissues are present; is there tumor). Deterministic per
+(seed, slide).
 
 Chat encoding (`ChatEncoder`): the tokenizer's own chat template renders the conversation;
 the assistant turns' spans are found by rendering growing prefixes of the conversation
@@ -63,26 +65,36 @@ def _share_bin(f: float) -> int:
   return 0 if f < 0.10 else 1 if f < 0.25 else 2 if f < 0.50 else 3
 
 
-def _mcq(rng, question: str, correct: str, distractors: Sequence[str]) -> dict:
+ANSWER_WITH = {"letter": "Answer with the letter of the correct option.",
+               "option": "Answer with the correct option."}
+
+
+def _mcq(rng, question: str, correct: str, distractors: Sequence[str], answer_with: str) -> dict:
   """A user/assistant pair for an A-D question with `correct` placed at a random letter; the
-  assistant answers with the letter (PathFLIP's format, scored by exact choice match)."""
+  assistant answers with the letter (`answer_with="letter"`, PathFLIP's format) or with the
+  option's text ("option"); both are scored by exact choice match (parse_choice)."""
   picks = list(rng.choice(len(distractors), size=3, replace=False))
   choices = [distractors[i] for i in picks]
   pos = int(rng.integers(4))
   choices.insert(pos, correct)
   body = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
-  prompt = f"{IMAGE}\n{question}\n{body}\nAnswer with the letter of the correct option."
+  prompt = f"{IMAGE}\n{question}\n{body}\n{ANSWER_WITH[answer_with]}"
+  reply = LETTERS[pos] if answer_with == "letter" else correct
   return {"messages": [{"role": "user", "content": prompt},
-                       {"role": "assistant", "content": LETTERS[pos]}],
+                       {"role": "assistant", "content": reply}],
           "task": "mcq", "answer": LETTERS[pos], "choices": choices}
 
 
 def slide_instructions(slide: str, fractions: Mapping[str, float], report: str | None, *,
                        seed: int = 0, classes: Sequence[str] | None = None,
-                       mcq_per_slide: int = 3, present_at: float = 0.03) -> list[dict]:
+                       mcq_per_slide: int = 3, present_at: float = 0.03,
+                       answer_with: str = "letter") -> list[dict]:
   """Conversations for one slide: one caption (when a report is given), `mcq_per_slide`
-  multiple-choice questions (kinds cycled: dominant, absent, share) and two open questions.
-  Deterministic per (seed, slide)."""
+  multiple-choice questions (kinds cycled: dominant, absent, share; answered with the letter
+  or the option's text, `answer_with`) and two open questions. Deterministic per (seed,
+  slide)."""
+  if answer_with not in ANSWER_WITH:
+    raise ValueError(f"answer_with {answer_with!r}: valid {', '.join(ANSWER_WITH)}")
   import zlib
   from pathjax.wsi.synth import TISSUE_CLASSES
   classes = list(classes or TISSUE_CLASSES)
@@ -104,15 +116,15 @@ def slide_instructions(slide: str, fractions: Mapping[str, float], report: str |
       break
     kind = kinds[(start + i) % len(kinds)]
     if kind == "dominant" and frac[ranked[0]] > 0:
-      q = _mcq(rng, "Which tissue dominates this slide?", ranked[0], ranked[1:])
+      q = _mcq(rng, "Which tissue dominates this slide?", ranked[0], ranked[1:], answer_with)
     elif kind == "absent" and absent and len(present) >= 3:
       q = _mcq(rng, "Which tissue is absent from this slide?", absent[int(rng.integers(len(absent)))],
-               present)
+               present, answer_with)
     elif kind == "share" and present:
       c = present[int(rng.integers(len(present)))]
       k = _share_bin(frac[c])
       q = _mcq(rng, f"Roughly what share of the tissue is {c}?", SHARE_BINS[k],
-               [b for j, b in enumerate(SHARE_BINS) if j != k])
+               [b for j, b in enumerate(SHARE_BINS) if j != k], answer_with)
     else:
       continue
     out.append(q)
@@ -132,13 +144,31 @@ def slide_instructions(slide: str, fractions: Mapping[str, float], report: str |
 
 
 def synthetic_instructions(truth: Mapping[str, Any], reports: Mapping[str, str] | None = None, *,
-                           seed: int = 0, mcq_per_slide: int = 3) -> list[dict]:
+                           seed: int = 0, mcq_per_slide: int = 3, answer_with: str = "letter"
+                           ) -> list[dict]:
   """Conversations for every slide of `truth` ({slide: SlideTruth}, synth.read_truth), in
   sorted slide order; `reports` ({slide: text}) adds a captioning conversation per slide."""
   out = []
   for sid in sorted(truth):
     out += slide_instructions(sid, truth[sid].fractions, (reports or {}).get(sid), seed=seed,
-                              mcq_per_slide=mcq_per_slide)
+                              mcq_per_slide=mcq_per_slide, answer_with=answer_with)
+  return out
+
+
+def text_only_conversations(records: Iterable[Mapping[str, Any]], texts: Mapping[str, str], *,
+                            tasks: Sequence[str] = ("mcq", "open")) -> list[dict]:
+  """The conversations of `records` with each slide's text (`texts`: {slide: report}) in
+  place of its `<image>`: the same questions asked about the report instead of the slide.
+  Chat data for a base LM (pathjax.recipes.causal_lm, data.field "messages") to learn the
+  answer formats and to pick an option from the text before it learns to read slides, as
+  a published chat LLM arrives knowing. Slides without a text are left out."""
+  out = []
+  for r in records:
+    text = texts.get(r.get("slide", ""))
+    if r.get("task") not in tasks or not text:
+      continue
+    msgs = [dict(m, content=m["content"].replace(IMAGE, text.strip())) for m in r["messages"]]
+    out.append({**r, "messages": msgs})
   return out
 
 
@@ -173,8 +203,10 @@ def write_synthetic_instructions(slides_dir: str, out_path: str | None = None, *
   return write_instructions(out_path or os.path.join(slides_dir, "instructions.jsonl"), records)
 
 
-def read_instructions(path: str) -> list[dict]:
-  """Conversations of a JSON-lines file, validated (errors name the line and the fix)."""
+def read_instructions(path: str, *, text_only: bool = False) -> list[dict]:
+  """Conversations of a JSON-lines file, validated (errors name the line and the fix).
+  `text_only`: conversations without a slide (no "slide", no `<image>`), for a plain chat
+  LLM (pathjax.recipes.causal_lm with data.field "messages")."""
   if not path:
     raise ConfigError("data.instructions is empty; set --config.data.instructions=FILE (JSON "
                       "lines {\"slide\", \"messages\": [{\"role\", \"content\"}, ...]})")
@@ -183,7 +215,7 @@ def read_instructions(path: str) -> list[dict]:
                       "`pathjax synth-slides --instructions`)")
   out = []
   for where, r in json_objects(path, InstructionError):
-    if not isinstance(r.get("slide"), str) or not r["slide"]:
+    if not text_only and (not isinstance(r.get("slide"), str) or not r["slide"]):
       raise InstructionError(f"{where}: needs a \"slide\" id string")
     msgs = r.get("messages")
     if not isinstance(msgs, list) or not msgs or not all(
@@ -194,7 +226,10 @@ def read_instructions(path: str) -> list[dict]:
     if msgs[-1]["role"] != "assistant":
       raise InstructionError(f"{where}: the last message must be the assistant's answer")
     n_img = sum(m["content"].count(IMAGE) for m in msgs)
-    if n_img != 1:
+    if text_only and n_img:
+      raise InstructionError(f"{where}: a text-only conversation holds {IMAGE}; conversations "
+                             "about a slide train with configs/pathflip.py:instruct_*")
+    if not text_only and n_img != 1:
       raise InstructionError(f"{where}: the conversation has {n_img} {IMAGE} placeholders; "
                              f"put exactly one (where the slide goes) in a user message")
     task = r.setdefault("task", "chat")
@@ -242,14 +277,16 @@ class Encoded:
 
 class ChatEncoder:
   """Renders conversations with the tokenizer's chat template and tokenizes them around
-  the `<image>` split point. Picklable (Grain workers rebuild the tokenizer)."""
+  the `<image>` split point (`image=True`: exactly one per conversation; `image=False`:
+  text-only chat, none allowed, image_pos -1). Picklable (Grain workers rebuild the
+  tokenizer)."""
 
-  def __init__(self, tokenizer_dir: str, length: int):
-    self.tokenizer_dir, self.length = tokenizer_dir, int(length)
+  def __init__(self, tokenizer_dir: str, length: int, *, image: bool = True):
+    self.tokenizer_dir, self.length, self.image = tokenizer_dir, int(length), bool(image)
     tok = self.tok
     if not getattr(tok, "chat_template", None):
-      raise ConfigError(f"the LLM tokenizer in {tokenizer_dir} has no chat template; slide "
-                        "chat needs one (give it one with pathjax.input.instructions."
+      raise ConfigError(f"the LLM tokenizer in {tokenizer_dir} has no chat template; "
+                        "chat data needs one (give it one with pathjax.input.instructions."
                         "add_chat_template(DIR), a ChatML-style template, or use an "
                         "instruction-tuned LLM's tokenizer)")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -304,6 +341,9 @@ class ChatEncoder:
       parts = text.split(IMAGE)
       for j, part in enumerate(parts):
         if j:
+          if not self.image:
+            raise ConfigError(f"a text-only conversation holds {IMAGE}; slide conversations "
+                              "train with the slide chat recipe (configs/pathflip.py:instruct_*)")
           if target or pos >= 0:
             raise ConfigError(f"a conversation needs exactly one {IMAGE}, in a user turn")
           pos = len(ids)
@@ -312,14 +352,14 @@ class ChatEncoder:
         t = self._ids(part)
         ids += t
         targets += [target] * len(t)
-    if pos < 0:
+    if pos < 0 and self.image:
       raise ConfigError(f"a conversation has no {IMAGE} placeholder")
     return ids, targets, pos
 
   def encode(self, messages: Sequence[Mapping[str, str]]) -> Encoded:
     """Training inputs of a whole conversation, cut or right-padded to `length`."""
     ids, targets, pos = self._tokenize(self.segments(messages))
-    if pos >= self.length:
+    if self.image and pos >= self.length:
       raise ConfigError(f"the text before {IMAGE} has {pos} tokens; model.text_len "
                         f"{self.length} leaves no room")
     n = min(len(ids), self.length)

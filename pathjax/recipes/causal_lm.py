@@ -16,6 +16,12 @@ Batches: `inputs`, `targets` int32 [B, T], `loss_mask`, `attention_mask` bool [B
 loss is next-token cross-entropy averaged over the masked target tokens of the global batch:
 sum(mask * -log softmax(logits)[target]) / sum(mask).
 
+Chat data (`data.field="messages"`): JSON lines of conversations, {"messages": [{"role":
+"system"|"user"|"assistant", "content": ...}, ...]} (pathjax.input.instructions' format
+without a slide), rendered with the tokenizer's chat template, one per row (cut or padded,
+no packing); the loss covers the assistant turns only (their end-of-turn marker included):
+supervised instruction tuning of a base LM, with or without LoRA.
+
 Tokenizer: `data.tokenizer` (a directory AutoTokenizer loads), else the model directory's
 own (finetune), else a byte-level BPE trained offline on the training texts
 (`tokenize.train_causal_tokenizer`) and cached under `data.tokenizer_cache` by a digest of
@@ -54,6 +60,7 @@ from pathjax.models import llm as llm_lib
 from pathjax.models import lora as lora_lib
 
 LLM_TOWER = "llm"
+CHAT_FIELD = "messages"   # data.field that makes data.path a file of conversations
 
 
 def read_texts(path: str, field: str = "report") -> list[str]:
@@ -183,8 +190,16 @@ class CausalLMRecipe:
         raise ConfigError(f"{self.config.model.init_dir} stores no tokenizer; pass "
                           "--config.data.tokenizer=DIR")
       return os.path.join(self.config.model.init_dir, meta["tokenizer"])
+    if self.chat:
+      raise ConfigError("chat data (data.field=messages) needs a tokenizer with a chat "
+                        "template: set --config.model.init_dir=DIR (a base LM) or "
+                        "--config.data.tokenizer=DIR")
     return cached_tokenizer(d.path, d.field, self.texts, int(d.tokenizer_vocab_size),
                             d.tokenizer_cache)
+
+  @property
+  def chat(self) -> bool:
+    return self.config.data.field == CHAT_FIELD
 
   @cached_property
   def texts(self) -> list[str]:
@@ -259,6 +274,8 @@ class CausalLMRecipe:
     d = self.config.data
     if int(d.seq_len) < 2:
       raise ConfigError(f"config.data.seq_len={d.seq_len} must be >= 2")
+    if self.chat:
+      return self.chat_examples()
     seqs = encode_texts(self.tokenizer, self.texts)
     vocab = int(self.model_fields["vocab_size"])
     top = max(int(s.max()) for s in seqs)
@@ -273,6 +290,29 @@ class CausalLMRecipe:
             f"{int(d.seq_len) + 1} tokens and are cut (the longest has {longest}; raise "
             "--config.data.seq_len to keep their ends)", flush=True)
     return make_examples(seqs, int(d.seq_len), self.pad_id, bool(d.packing))
+
+  def chat_examples(self) -> dict[str, np.ndarray]:
+    """One conversation a row; targets on the assistant tokens (module docstring)."""
+    from pathjax.input import instructions as inst
+    d = self.config.data
+    if d.packing:
+      raise ConfigError("chat data (data.field=messages) is not packed; set "
+                        "--config.data.packing=false")
+    try:
+      rows = inst.read_instructions(d.path, text_only=True)
+    except inst.InstructionError as e:
+      raise ConfigError(str(e)) from None
+    encoder = inst.ChatEncoder(self.tokenizer_dir, int(d.seq_len) + 1, image=False)
+    encoded = [encoder.encode(r["messages"]) for r in rows]
+    cut = sum(e.truncated for e in encoded)
+    if cut and jax.process_index() == 0:
+      print(f"causal_lm: {cut} of {len(rows)} conversations are longer than data.seq_len + 1 "
+            f"= {int(d.seq_len) + 1} tokens and are cut", flush=True)
+    ids = np.stack([e.ids for e in encoded])
+    mask = np.stack([e.mask for e in encoded])
+    targets = np.stack([e.targets for e in encoded])
+    return {"inputs": ids[:, :-1], "targets": ids[:, 1:],
+            "loss_mask": targets[:, 1:] & mask[:, 1:], "attention_mask": mask[:, :-1]}
 
   def train_iterator(self, process_index, process_count):
     return in_memory.batches(self.examples(), seed=self.config.seed,
