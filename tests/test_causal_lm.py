@@ -253,7 +253,9 @@ def test_chat_data_errors_name_the_fix(corpus, base_dir, chat_base, tmp_path):
            (dict(chat, **{"model.init_dir": base_dir, "data.path": plain}), "chat template"),
            (dict(chat, **{"data.path": plain}), "chat template"),
            (dict(chat, **{"model.init_dir": chat_base, "data.path": plain, "data.packing": True}),
-            "packing=false")]
+            "packing=false"),
+           (dict(chat, **{"model.init_dir": chat_base, "data.path": str(tmp_path / "none.jsonl")}),
+            "data.path=.*not a file")]
   for overrides, words in cases:
     with pytest.raises(ConfigError, match=words):
       causal_lm.make_recipe(_config(corpus, **overrides)).examples()

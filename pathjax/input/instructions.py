@@ -160,8 +160,8 @@ def text_only_conversations(records: Iterable[Mapping[str, Any]], texts: Mapping
   """The conversations of `records` with each slide's text (`texts`: {slide: report}) in
   place of its `<image>`: the same questions asked about the report instead of the slide.
   Chat data for a base LM (pathjax.recipes.causal_lm, data.field "messages") to learn the
-  answer formats and to pick an option from the text before it learns to read slides, as
-  a published chat LLM arrives knowing. Slides without a text are left out."""
+  chat format and the answer styles before it learns to read slides (what a published chat
+  LLM arrives knowing). Slides without a text are left out."""
   out = []
   for r in records:
     text = texts.get(r.get("slide", ""))

@@ -298,6 +298,9 @@ class CausalLMRecipe:
     if d.packing:
       raise ConfigError("chat data (data.field=messages) is not packed; set "
                         "--config.data.packing=false")
+    if not d.path or not os.path.isfile(d.path):
+      raise ConfigError(f"config.data.path={d.path!r} is not a file; pass a JSON-lines file of "
+                        "conversations ({\"messages\": [{\"role\", \"content\"}, ...]})")
     try:
       rows = inst.read_instructions(d.path, text_only=True)
     except inst.InstructionError as e:
