@@ -74,16 +74,17 @@ def prepare(out: str, pathalign_root: str, llm_dir: str, *, train_mcq: int, held
   return {"instructions": path, "llm": llm}
 
 
-def chat_tune(root: str, instructions: str, reports: dict[str, str], llm_dir: str, *, steps: int
+def chat_tune(root: str, rows: list[dict], reports: dict[str, str], llm_dir: str, *, steps: int
               ) -> str:
-  """The LLM finetuned (all weights) on the training slides' conversations with each report
-  in place of the slide (pathjax.recipes.causal_lm chat data); returns its model directory."""
+  """The LLM finetuned (all weights) on the training slides' conversations (`rows`) with each
+  report in place of the slide (pathjax.recipes.causal_lm chat data); returns its model
+  directory."""
   from pathjax import train as train_lib
   from pathjax.demo_pathalign import HELDOUT_PREFIX
   from pathjax.input import instructions as inst
   path = os.path.join(root, "text_chat.jsonl")
   if not os.path.exists(path):
-    train = [r for r in inst.read_instructions(instructions) if not r["slide"].startswith(HELDOUT_PREFIX)]
+    train = [r for r in rows if not r["slide"].startswith(HELDOUT_PREFIX)]
     inst.write_instructions(path, inst.text_only_conversations(train, reports))
   workdir = os.path.join(root, "chat_lm")
   config = _config("causal_lm.py:smoke", [
@@ -133,7 +134,7 @@ def run(out: str, *, encoder_dir: str, pathalign_root: str | None = None, llm_di
              "questions about their reports (pathjax train --config=configs/causal_lm.py:smoke "
              "--config.data.field=messages ...)")
   reports = _reports(pa)
-  chat_llm = chat_tune(root, paths["instructions"], reports, paths["llm"], steps=chat_steps)
+  chat_llm = chat_tune(root, rows, reports, paths["llm"], steps=chat_steps)
   m = read_metrics(os.path.join(root, "chat_lm"))
   results["chat_loss"] = (m[0]["loss"], m[-1]["loss"])
   print(f"   loss on the answers {m[0]['loss']:.3f} -> {m[-1]['loss']:.3f}")

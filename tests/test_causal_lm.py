@@ -241,6 +241,12 @@ def test_chat_rows_target_exactly_the_assistant_turns(corpus, chat_base, tmp_pat
     assert targets.tolist() == expected
     np.testing.assert_array_equal(ex["inputs"][i][1:], ex["targets"][i][:-1])
   assert ex["attention_mask"].sum() > ex["loss_mask"].sum()
+  # A text-only prompt for generation: the whole rendered conversation, nothing after an image.
+  from pathjax.input import instructions as inst
+  enc = inst.ChatEncoder(recipe.tokenizer_dir, 256, image=False)
+  before, after = enc.prompt(chats[0][:1])
+  assert after == [] and before == tok(enc.render(chats[0][:1], generation_prompt=True),
+                                       add_special_tokens=False)["input_ids"]
 
 
 def test_chat_data_errors_name_the_fix(corpus, base_dir, chat_base, tmp_path):

@@ -376,6 +376,8 @@ class ChatEncoder:
     prefix, for generation; the messages end with a user turn."""
     text = self.render(messages, generation_prompt=True)
     ids, _, pos = self._tokenize([(text, False)])
+    if pos < 0:  # text-only chat (image=False): everything comes before
+      return ids, []
     return ids[:pos], ids[pos + 1:]
 
   def decode(self, ids: Sequence[int]) -> str:

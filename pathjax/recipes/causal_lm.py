@@ -277,12 +277,7 @@ class CausalLMRecipe:
     if self.chat:
       return self.chat_examples()
     seqs = encode_texts(self.tokenizer, self.texts)
-    vocab = int(self.model_fields["vocab_size"])
-    top = max(int(s.max()) for s in seqs)
-    if top >= vocab:
-      raise ConfigError(f"token id {top} of tokenizer {self.tokenizer_dir} is outside the "
-                        f"model's vocabulary ({vocab}); use the model's own tokenizer or "
-                        "set config.model.vocab_size=0")
+    self._check_vocab(max(int(s.max()) for s in seqs))
     cut = sum(len(s) > int(d.seq_len) + 1 for s in seqs)
     if cut and not d.packing and jax.process_index() == 0:
       longest = max(len(s) for s in seqs)
@@ -290,6 +285,13 @@ class CausalLMRecipe:
             f"{int(d.seq_len) + 1} tokens and are cut (the longest has {longest}; raise "
             "--config.data.seq_len to keep their ends)", flush=True)
     return make_examples(seqs, int(d.seq_len), self.pad_id, bool(d.packing))
+
+  def _check_vocab(self, top: int) -> None:
+    vocab = int(self.model_fields["vocab_size"])
+    if top >= vocab:
+      raise ConfigError(f"token id {top} of tokenizer {self.tokenizer_dir} is outside the "
+                        f"model's vocabulary ({vocab}); use the model's own tokenizer or "
+                        "set config.model.vocab_size=0")
 
   def chat_examples(self) -> dict[str, np.ndarray]:
     """One conversation a row; targets on the assistant tokens (module docstring)."""
@@ -312,6 +314,7 @@ class CausalLMRecipe:
       print(f"causal_lm: {cut} of {len(rows)} conversations are longer than data.seq_len + 1 "
             f"= {int(d.seq_len) + 1} tokens and are cut", flush=True)
     ids = np.stack([e.ids for e in encoded])
+    self._check_vocab(int(ids.max()))
     mask = np.stack([e.mask for e in encoded])
     targets = np.stack([e.targets for e in encoded])
     return {"inputs": ids[:, :-1], "targets": ids[:, 1:],
