@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_OUT ?= demo_out
 
-.PHONY: setup setup-reference setup-tpu setup-beam demo test test-fast bench clean
+.PHONY: setup setup-reference setup-tpu setup-beam demo test test-slow bench clean
 
 setup: $(VENV)/.setup-done
 
@@ -42,13 +42,14 @@ $(VENV)/.beam-done: $(VENV)/.setup-done
 demo: setup
 	$(PY) -m pathjax.demo --out $(DEMO_OUT)
 
-# Everything CI runs: unit, parity (PyTorch references), multi-process and AOT tests.
+# The default test run: unit, parity (PyTorch references) and AOT tests; about 20 minutes
+# on 2 cores. Tests marked slow (multi-process, kill -9 resume, 8-device equivalence,
+# end-to-end training, the demo) run with `make test-slow`; CI (.ci/run) runs both.
 test: setup setup-reference setup-tpu setup-beam
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
-
-# The quick loop while developing: no slow tests.
-test-fast: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+
+test-slow: setup setup-reference setup-tpu setup-beam
+	$(PY) -m pytest -q -n 2 --dist loadfile -m slow tests
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

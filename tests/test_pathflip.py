@@ -256,6 +256,7 @@ PATIENT_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=900 
                        "--xla_cpu_collective_timeout_seconds=900")
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one():
   """The recipe's loss and gradients with the batch sharded over 8 devices equal one device
   (in a fresh process with 8 CPU devices, as tests/test_losses_pathflip.py)."""

@@ -2,6 +2,7 @@
 shardings tensor by tensor. Checked against safetensors' own numpy save_file / load_file."""
 
 import json
+import mmap
 import os
 
 import jax
@@ -150,6 +151,33 @@ def test_place_with_transforms_and_layer_stacking(tmp_path):
     sio.place(reader, bad)
   with pytest.raises(sio.WeightsError, match="has no tensor nope"):
     sio.place(reader, {"x": sio.Target("nope", NamedSharding(mesh, P()))})
+
+def test_large_slices_in_huge_page_buffers_outlive_the_reader(tmp_path):
+  """Device slices of 2 MiB and more are read, concurrently, into anonymous huge-page
+  mappings that jax's CPU client adopts without a copy: the mapping must live as long as the
+  placed array, not as long as the host reference."""
+  import gc
+  mesh = _mesh()
+  rng = np.random.default_rng(5)
+  big = rng.normal(size=(4096, 1024)).astype(ml_dtypes.bfloat16)  # 8 MiB: 2 MiB per fsdp row block
+  sio.save_safetensors({"big": big}, str(tmp_path / "m.safetensors"))
+  reader = sio.open_safetensors(str(tmp_path / "m.safetensors"))
+  host = reader.read_rows("big", 0, 1024)
+  assert host.ctypes.data % 4096 == 0 and host.flags.writeable
+  owner = host
+  while isinstance(owner, np.ndarray):
+    owner = owner.base
+  owner = owner.obj if isinstance(owner, memoryview) else owner
+  assert isinstance(owner, mmap.mmap) or not hasattr(mmap, "MADV_HUGEPAGE")
+  del host
+  sharding = NamedSharding(mesh, P("fsdp"))
+  out = sio.place(reader, {"big": sio.Target("big", sharding)})["big"]
+  del reader
+  gc.collect()
+  assert out.sharding == sharding
+  np.testing.assert_array_equal(np.asarray(out).view(np.uint16), big.view(np.uint16))
+  np.testing.assert_array_equal(np.asarray(out + 0).view(np.uint16), big.view(np.uint16))
+
 
 
 def test_tensor_reader_reports_missing_and_unexpected_together():

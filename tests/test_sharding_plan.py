@@ -36,6 +36,7 @@ def _gathers(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", ["(1,8,1,1)", "(1,2,4,1)"])
 def test_no_batch_sized_activation_is_gathered(mesh_shape):
   assert jax.device_count() == 8

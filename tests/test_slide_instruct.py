@@ -386,6 +386,7 @@ def _eight_vs_one(root):
   print("EIGHT_EQUALS_ONE", float(one[0]))
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one(tmp_path):
   """The stage-2 loss (LoRA non-zero) of a batch sharded over 8 devices equals 1 device;
   in a fresh process (XLA_FLAGS must be set before jax starts)."""

@@ -7,7 +7,9 @@ end unless --keep), then in the same run:
 
 1. disk read rate: every shard is fsync'ed and dropped from the page cache with
    posix_fadvise(DONTNEED) (no root needed; /proc/sys/vm/drop_caches is not writable in a
-   container), then read with plain 16 MiB `readinto` calls into one reused buffer;
+   container), then read with 16 MiB positioned reads into reused buffers, once by one
+   reader and once by as many concurrent readers as the loader uses; the faster rate is the
+   reference;
 2. load: the page cache is dropped again and a fresh Python process (so its peak RSS is its
    own) with 8 fake CPU devices reads the index through `safetensors_io.place` into
    FSDP shardings (2-D tensors split on axis 0 over 8 devices, 1-D ones replicated).
@@ -114,19 +116,34 @@ def _drop_cache(files) -> None:
       os.close(fd)
 
 
-def _disk_read_rate(files) -> tuple[float, int]:
+def _read_range(file: str, start: int, stop: int, buf: memoryview) -> int:
+  fd = os.open(file, os.O_RDONLY)
+  try:
+    done = start
+    while done < stop:
+      n = os.preadv(fd, [buf[:min(len(buf), stop - done)]], done)
+      if not n:
+        break
+      done += n
+  finally:
+    os.close(fd)
+  return done - start
+
+
+def _disk_read_rate(files, readers: int = 1) -> tuple[float, int]:
+  """Bytes/s reading every file cold into reused 16 MiB buffers (no fresh memory), with
+  `readers` threads each reading a contiguous part of each file, as the loader reads a
+  tensor's device slices."""
+  from concurrent.futures import ThreadPoolExecutor
   _drop_cache(files)
-  buf = bytearray(16 * MIB)
-  view = memoryview(buf)
+  buffers = [memoryview(bytearray(16 * MIB)) for _ in range(readers)]
   total = 0
   t0 = time.perf_counter()
-  for file in files:
-    with open(file, "rb", buffering=0) as f:
-      while True:
-        n = f.readinto(view)
-        if not n:
-          break
-        total += n
+  with ThreadPoolExecutor(readers) as pool:
+    for file in files:
+      size = os.path.getsize(file)
+      edges = [size * i // readers for i in range(readers + 1)]
+      total += sum(pool.map(_read_range, [file] * readers, edges[:-1], edges[1:], buffers))
   return total / (time.perf_counter() - t0), total
 
 
@@ -136,14 +153,16 @@ def _rss() -> int:
 
 
 def _first_touch_rate(total: int = 512 * MIB, chunk: int = 16 * MIB) -> float:
-  """Bytes/s at which this process gets fresh memory (page faults: one write per 4 KiB page).
+  """Bytes/s at which this process gets fresh memory from the loader's own allocator (page
+  faults: one write per 4 KiB page).
 
   Every loaded byte lands in fresh memory; on CPU "devices" that is host memory, so this
   rate bounds the load rate as the disk does."""
+  from pathjax.convert.safetensors_io import host_buffer
   t0 = time.perf_counter()
   kept = []
   for _ in range(total // chunk):
-    buf = np.empty(chunk, np.uint8)
+    buf = host_buffer(chunk)
     buf[::4096] = 1
     kept.append(buf)
   seconds = time.perf_counter() - t0
@@ -215,9 +234,14 @@ def main(args) -> int:
     print(f"checkpoint: {total / 1e9:.2f} GB bf16 ({total / (1 << 30):.2f} GiB), "
           f"{len(shape_map)} tensors in {len(shards)} shards + index, largest tensor "
           f"{max(sizes) / MIB:.0f} MiB, in {work} (written in {time.perf_counter() - t0:.1f} s)")
-    disk_rate, read = _disk_read_rate(shards)
-    print(f"disk read rate: {disk_rate / 1e9:.2f} GB/s ({read / 1e9:.2f} GB, page cache "
-          "dropped with posix_fadvise(DONTNEED), plain 16 MiB reads)")
+    readers = sio.READ_THREADS
+    seq_rate, read = _disk_read_rate(shards)
+    par_rate, _ = _disk_read_rate(shards, readers)
+    disk_rate = max(seq_rate, par_rate)
+    print(f"disk read rate: {seq_rate / 1e9:.2f} GB/s with one reader, {par_rate / 1e9:.2f} GB/s "
+          f"with {readers} ({read / 1e9:.2f} GB, page cache dropped with "
+          "posix_fadvise(DONTNEED), 16 MiB reads into reused buffers); the faster is the "
+          "reference")
     _drop_cache(shards)
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
