@@ -6,7 +6,7 @@ Variants (the argument after the colon; ablations combine with a comma):
   vitl16   the paper's scale: UNI ViT-L/16 + QuiltNet-size text tower, 224 px, bf16.
   Ablations: no_cvta, no_mrtva, no_bl, single_mag (one magnification, 20x where present).
   Sharding plans (after the size): v5e_256, v4_128 -- mesh, axis rules, remat and batch
-  chosen from AOT compiles; compiled memory and FLOPs in the block at the end of this file.
+  chosen from AOT compiles; what the compiler reported is in configs/compiled/.
 
   pathjax train --config=configs/mrplip.py:smoke --workdir /tmp/mrplip \
       --config.input.records_dir=RECORDS --config.input.tokenizer=TOKENIZER_DIR
@@ -17,6 +17,9 @@ Loading published weights: `pathjax convert` UNI (timm) and QuiltNet's text towe
 model directory and pass it as `model.init_dir`; its vision and text towers replace the
 random ones (`model.init_towers`).
 """
+
+import json
+import os
 
 import ml_collections
 
@@ -149,35 +152,21 @@ def get_config(arg=None):
 # ----------------------------------------------------------------------------------------
 # Sharding plans (issue 6; pathjax/aot.py). Chosen from AOT compiles of the real train step
 # (`pathjax compile`); a plan sets the mesh, the logical axis rules, the remat policy and
-# the global batch for one TPU slice shape, and records what the compiler reported.
-# Use it after the size: `configs/mrplip.py:vitl16,v5e_256` (composes with ablations).
+# the global batch for one TPU slice shape. What the compiler reported is not typed here:
+# `pathjax compile --json` writes it to configs/compiled/mrplip_vitl16_<plan>.json (with the
+# config, commit and jax/libtpu versions), `config.plan.compiled` reads it, and README's
+# table is `aot.format_rows` of those files (tests/test_aot.py checks both).
+# Use a plan after the size: `configs/mrplip.py:vitl16,v5e_256` (composes with ablations).
 #
-#   pathjax compile --config=configs/mrplip.py:vitl16,v5e_256 --topology v5e:16x16
-#   pathjax compile --config=configs/mrplip.py:vitl16,v4_128 --topology v4:4x4x4
+#   pathjax compile --config=configs/mrplip.py:vitl16,v5e_256 --topology v5e:16x16 \
+#       --json configs/compiled/mrplip_vitl16_v5e_256.json
+#   pathjax compile --config=configs/mrplip.py:vitl16,v4_128 --topology v4:4x4x4 \
+#       --json configs/compiled/mrplip_vitl16_v4_128.json
 #
-# Compiled (libtpu 0.0.42.1, jax 0.10.2, flax 0.12.8; `pathjax compile`, per chip), before
-# on-device augmentation, the splash attention kernel and the whole-bag keyword context: not
-# re-measured at this commit (the compile did not finish on the shared build machine).
-#
-# | plan    | topology            | global / per-chip bags | memory per chip          | model TFLOP/step/chip | at 50% MFU            |
-# |---------|---------------------|------------------------|--------------------------|-----------------------|-----------------------|
-# | v5e_256 | v5e:16x16, 256 chips | 4096 / 16             | 15.76 of 16 GiB (98%)    | 32.19                 | 327 ms, 49 bags/s/chip |
-# | v4_128  | v4:4x4x4, 64 chips  | 2048 / 32              | 27.68 of 32 GiB (87%)    | 64.37                 | 468 ms, 68 bags/s/chip |
-# | (max)   | v5e:16x16           | 5120 / 20              | 15.92 of 16 GiB: fits    | 40.23                 | 408 ms, 49 bags/s/chip |
-# | (max)   | v4:4x4x4            | 2176 / 34              | 32.24 of 32 GiB: no      | 68.39                 | -                      |
-# | (max)   | v4:4x4x4            | 2304 / 36              | 33.80 of 32 GiB: no      | 72.41                 | -                      |
-#
-# Largest per-chip batch found: v5e >= 20 (24 and up not compiled: ~30 min per compile on
-# the 2-core build machine), v4 32 (34 and 36 do not fit; 33 not compiled). Run
-# `pathjax compile --config=... --topology ... --max-batch` to search further.
-# The plans keep 16 (v5e, the 4096-bag target) and 32 (v4) per chip.
-#
-# Memory: arguments 43 MiB (v5e) / 131 MiB (v4): FSDP leaves each chip 1/256 (1/64) of the
-# 423M fp32 parameters and AdamW moments; the rest is activations (temporaries 15.5 / 27.4
-# GiB; on v5e just under the 15.75 GiB the compiler allows them). Model FLOPs: 2.01 TFLOP per
-# bag (4 ViT-L/16 images, 16 text sequences, fusion passes; forward + backward, matmuls and
-# convolutions counted from the jaxpr, without remat recompute; dots_no_batch adds 1%).
-# XLA's cost_analysis reports ~15x less because it counts a scanned layer once.
+# Memory: FSDP leaves each chip 1/256 (1/64) of the 423M fp32 parameters and AdamW moments
+# (arguments ~44 MiB on v5e); the rest is activations. Model FLOPs are counted from the jaxpr
+# (matmuls and convolutions, forward + backward, without remat recompute); XLA's
+# cost_analysis reports ~15x less because it counts a scanned layer once.
 # Peak bf16: v5e 197, v4 275 TFLOP/s per chip.
 # ----------------------------------------------------------------------------------------
 
@@ -186,15 +175,31 @@ def get_config(arg=None):
 _FSDP = dict(mesh_shape=(1, 1, -1, 1))
 
 PLANS = {
-    "v5e_256": dict(
-        _FSDP, topology="v5e:16x16", chips=256, per_chip_batch=16, remat="dots_no_batch",
-        compiled="15.76 GiB of 16 per chip (args 43.4 MiB, temps 15.51 GiB, code 208.5 MiB); "
-                 "32.19 TFLOP/step/chip (8.24 PFLOP/step); 50% MFU: 327 ms/step, 49 bags/s/chip"),
-    "v4_128": dict(
-        _FSDP, topology="v4:4x4x4", chips=64, per_chip_batch=32, remat="dots_no_batch",
-        compiled="27.68 GiB of 32 per chip (args 131.2 MiB, temps 27.39 GiB, code 169.6 MiB); "
-                 "64.37 TFLOP/step/chip (4.12 PFLOP/step); 50% MFU: 468 ms/step, 68 bags/s/chip"),
+    "v5e_256": dict(_FSDP, topology="v5e:16x16", chips=256, per_chip_batch=16,
+                    remat="dots_no_batch"),
+    "v4_128": dict(_FSDP, topology="v4:4x4x4", chips=64, per_chip_batch=32,
+                   remat="dots_no_batch"),
 }
+COMPILED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compiled")
+
+
+def compiled_path(name: str) -> str:
+  return os.path.join(COMPILED_DIR, f"mrplip_vitl16_{name}.json")
+
+
+def compiled_summary(name: str) -> str:
+  """One line from the plan's `pathjax compile --json` record, or why there is none."""
+  path = compiled_path(name)
+  if not os.path.exists(path):
+    return f"not compiled at this layout ({os.path.relpath(path, os.path.dirname(COMPILED_DIR))} missing)"
+  with open(path) as f:
+    r = json.load(f)
+  mib = lambda key: r["memory_bytes"][key] / 2**20
+  return (f"{r['memory_gib']:.2f} GiB of {r['hbm_gib']} per chip (args {mib('argument'):.1f} MiB, "
+          f"temps {mib('temp') / 1024:.2f} GiB, code {mib('code'):.1f} MiB); "
+          f"{r['tflops_per_chip']:.2f} TFLOP/step/chip; {100 * r['mfu']:.0f}% MFU: "
+          f"{r['step_s_at_mfu'] * 1e3:.0f} ms/step, {r['bags_per_s_per_chip']:.0f} bags/s/chip "
+          f"(commit {r['commit']}, libtpu {r['versions'].get('libtpu', '?')})")
 
 
 def apply_plan(config, name: str) -> None:
@@ -207,4 +212,4 @@ def apply_plan(config, name: str) -> None:
   config.batch_size = int(plan["per_chip_batch"]) * int(plan["chips"])
   config.plan = ml_collections.ConfigDict(dict(
       name=name, topology=plan["topology"], chips=plan["chips"],
-      per_chip_batch=plan["per_chip_batch"], compiled=plan["compiled"]))
+      per_chip_batch=plan["per_chip_batch"], compiled=compiled_summary(name)))

@@ -24,7 +24,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -547,11 +547,16 @@ def _short(message: str, limit: int = 1500) -> str:
 
 
 def format_table(results: Sequence[CompileResult], mfu: float = 0.5) -> str:
+  return format_rows([r.table_row(mfu) for r in results], mfu)
+
+
+def format_rows(rows: Sequence[Mapping[str, Any]], mfu: float = 0.5) -> str:
+  """The markdown table of `CompileResult.table_row`s (or the rows `pathjax compile --json`
+  saved), as README prints it."""
   head = ("| topology | chips | global batch | per-chip batch | memory/chip (GiB) | TFLOP/step/chip "
           f"| step at {100 * mfu:.0f}% MFU (ms) | examples/s/chip | fits |")
   lines = [head, "|" + "---|" * 9]
-  for r in results:
-    row = r.table_row(mfu)
+  for row in rows:
     fmt = lambda v, f: (f.format(v) if v is not None else "-")
     lines.append(f"| {row['topology']} | {row['chips']} | {row['global_batch']} | "
                  f"{row['per_chip_batch']:g} | {fmt(row['memory_gib'], '{:.2f}')} / {row['hbm_gib']} | "

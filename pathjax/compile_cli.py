@@ -48,12 +48,41 @@ def _log(msg: str) -> None:
   print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _as_json(result) -> dict:
-  row = result.table_row()
+def _as_json(result, args) -> dict:
+  row = result.table_row(args.mfu)
   row.update(mesh=result.mesh, memory_bytes=result.memory, flops_per_chip=result.flops,
              compile_seconds=round(result.compile_seconds, 1), largest=result.largest,
-             error=(result.error or "")[:2000], oom=result.oom)
+             error=(result.error or "")[:2000], oom=result.oom,
+             config=args.config, overrides=list(args.config_overrides), mfu=args.mfu,
+             versions=_versions(), commit=_commit())
   return row
+
+
+def _versions() -> dict:
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  out = {}
+  for name in ("jax", "jaxlib", "libtpu", "flax"):
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def _commit() -> str:
+  """The pathjax checkout's commit (+ "-dirty" with uncommitted changes), or "" outside git."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, timeout=10)
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return ""
+  if head.returncode:
+    return ""
+  return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def main(args) -> int:
@@ -74,7 +103,7 @@ def main(args) -> int:
       print(aot.format_table(tried, args.mfu))
       if args.json:
         with open(args.json, "w") as f:
-          json.dump([_as_json(r) for r in tried], f, indent=2)
+          json.dump([_as_json(r, args) for r in tried], f, indent=2)
       if best is None:
         print(f"pathjax compile: even a per-chip batch of {start} does not fit on {topology.name}",
               file=sys.stderr)
@@ -95,7 +124,7 @@ def main(args) -> int:
   print(aot.format_result(result, mfu=args.mfu))
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(_as_json(result), f, indent=2)
+      json.dump(_as_json(result, args), f, indent=2)
   if result.error:
     what = "does not fit (the compiler ran out of memory)" if result.oom else "failed to compile"
     print(f"pathjax compile: {args.config} {what} on {topology.name} at global batch "
@@ -125,5 +154,5 @@ def _contrastive(args, config, topology) -> int:
   print(aot.format_result(result, mfu=args.mfu))
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(_as_json(result), f, indent=2)
+      json.dump(_as_json(result, args), f, indent=2)
   return 0 if result.fits else 1

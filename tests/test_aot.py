@@ -97,6 +97,36 @@ def test_mrplip_plan_shardings_golden(plan):
 # ----------------------------------------------------------------------------- libtpu
 
 
+def test_readme_plan_table_and_config_come_from_the_compiled_records():
+  """README's vitl16 plan table is `aot.format_rows` of configs/compiled/*.json, and each plan's
+  config.plan.compiled reads its record: no compiler figure is kept by hand. Each record is a
+  real `pathjax compile --json` of that plan (its config and batch match the plan)."""
+  import json
+  import re
+  paths = sorted((REPO / "configs" / "compiled").glob("mrplip_vitl16_*.json"))
+  assert paths, "configs/compiled/ holds no compile record"
+  rows = []
+  for path in paths:
+    row = json.loads(path.read_text())
+    plan = path.stem[len("mrplip_vitl16_"):]
+    config = _config(f"configs/mrplip.py:vitl16,{plan}")
+    assert row["config"] == f"configs/mrplip.py:vitl16,{plan}" and row["overrides"] == []
+    assert row["topology"] == config.plan.topology and row["global_batch"] == config.batch_size
+    assert row["versions"].get("libtpu") and row["commit"]
+    assert config.plan.compiled.startswith(f"{row['memory_gib']:.2f} GiB of {row['hbm_gib']}")
+    rows.append(row)
+  table = aot.format_rows(rows)
+  readme = (REPO / "README.md").read_text()
+  pattern = re.compile(r"(<!-- compiled plans: configs/compiled/mrplip_vitl16_\*\.json -->\n)"
+                       r"(.*?)(\n<!-- end compiled plans -->)", re.S)
+  assert pattern.search(readme), "README lacks the compiled-plans block"
+  if os.environ.get("PATHJAX_UPDATE_GOLDENS") == "1":
+    readme = pattern.sub(lambda m: m.group(1) + table + m.group(3), readme)
+    (REPO / "README.md").write_text(readme)
+  assert pattern.search(readme).group(2) == table, (
+      "README's plan table differs from configs/compiled/; regenerate it with "
+      "PATHJAX_UPDATE_GOLDENS=1 pytest tests/test_aot.py")
+
 @needs_libtpu
 def test_toy_compiles_for_v5e_2x2():
   topology = aot.get_topology("v5e:2x2")
@@ -116,15 +146,21 @@ def test_toy_compiles_for_v5e_2x2():
 
 
 @needs_libtpu
-def test_compile_cli_reports_a_step_that_does_not_fit(capsys):
-  """A 32k x 32k replicated kernel (4 GiB, x4 with AdamW and grads) cannot fit a 16 GiB v5e."""
+def test_compile_cli_reports_a_step_that_does_not_fit(capsys, tmp_path):
+  """A 32k x 32k replicated kernel (4 GiB, x4 with AdamW and grads) cannot fit a 16 GiB v5e;
+  the --json record says so and where it came from."""
+  import json
   from pathjax import cli
+  record = tmp_path / "r.json"
   code = cli.main(["compile", f"--config={REPO / 'configs/toy.py'}", "--topology", "v5e-4",
-                   "--config.model.hidden=32768"])
+                   "--config.model.hidden=32768", "--json", str(record)])
   out, err = capsys.readouterr()
   assert code == 1
   assert "does not fit" in err
   assert "memory per chip" in out or "OUT OF MEMORY" in out
+  row = json.loads(record.read_text())
+  assert row["fits"] is False and row["overrides"] == ["model.hidden=32768"]
+  assert row["config"].endswith("configs/toy.py") and row["versions"]["libtpu"]
 
 
 @needs_libtpu
