@@ -34,5 +34,6 @@ def test_bench_load_runs_and_cleans_up(tmp_path):
   assert re.search(r"checkpoint: .* in 4 shards \+ index, largest tensor", text)
   assert re.search(r"disk read rate: [\d.]+ GB/s", text)
   assert re.search(r"onto 8 CPU devices .* [\d.]+x the disk read rate", text)
+  assert re.search(r"repeated in the same process .* [\d.]+ GB/s, [\d.]+x", text)
   assert re.search(r"= [\d.]+x the largest tensor \(goal <= 2\)", text)
   assert os.listdir(tmp_path) == []
