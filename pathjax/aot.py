@@ -155,6 +155,7 @@ class CompileResult:
   oom: bool = False
   model_flops: float | None = None  # whole step, all chips, from the jaxpr, without remat
   step_flops: float | None = None   # whole step, all chips, from the jaxpr, as traced (remat)
+  attention: dict = dataclasses.field(default_factory=dict)  # "impl q_len x k_len" -> call sites
 
   @property
   def model_flops_per_chip(self) -> float | None:
@@ -326,8 +327,9 @@ def compile_train_step(config, topology: Topology, *, recipe=None, count_flops: 
   log(f"lowering the train step (global batch {global_batch}, mesh {dict(mesh.shape)})")
   # The step enters sharding.mesh_context while tracing, so activation constraints apply.
   # Trace for the TPU: attention "auto" picks the TPU kernel, not the CPU host's einsum.
-  with layers.target_platform("tpu"):
+  with layers.target_platform("tpu"), layers.record_attention_picks() as picks:
     lowered = step.lower(state, frozen, batch)
+  attention = {f"{impl} {q}x{k}": n for (impl, q, k), n in sorted(picks.items())}
   log(f"lowered in {time.time() - start:.0f} s; compiling for {topology.name}")
   error, memory, flops = None, {}, None
   try:
@@ -355,7 +357,7 @@ def compile_train_step(config, topology: Topology, *, recipe=None, count_flops: 
                        mesh=dict(mesh.shape), memory=memory, flops=flops,
                        compile_seconds=seconds, largest=largest,
                        error=error, oom=bool(error) and _is_oom(error or ""),
-                       model_flops=model_flops, step_flops=step_flops)
+                       model_flops=model_flops, step_flops=step_flops, attention=attention)
 
 
 _UNITS = {"KiB": 1024, "MiB": 1024 ** 2, "GiB": GiB}
@@ -504,6 +506,10 @@ def format_result(result: CompileResult, *, mfu: float = 0.5) -> str:
            f"mesh          {result.mesh}",
            f"global batch  {result.global_batch} ({result.per_chip_batch:g} per chip)",
            f"compile time  {result.compile_seconds:.0f} s"]
+  if result.attention:  # splash needs query and key lengths in multiples of 128, else xla
+    lines.append("attention     " + ", ".join(f"{k} ({n} traced call site{'s' * (n > 1)})"
+                                              for k, n in result.attention.items())
+                 + " (implementation, query x key length)")
   if result.memory:
     m = result.memory
     lines += ["memory per chip (XLA memory_analysis):",

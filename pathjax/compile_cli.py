@@ -52,6 +52,7 @@ def _as_json(result, args) -> dict:
   row = result.table_row(args.mfu)
   row.update(mesh=result.mesh, memory_bytes=result.memory, flops_per_chip=result.flops,
              compile_seconds=round(result.compile_seconds, 1), largest=result.largest,
+             attention=result.attention,
              error=(result.error or "")[:2000], oom=result.oom,
              config=args.config, overrides=list(args.config_overrides), mfu=args.mfu,
              versions=_versions(), commit=_commit())

@@ -143,6 +143,10 @@ def test_toy_compiles_for_v5e_2x2():
   assert result.model_flops == 3 * fwd - 2 * 16 * 8 * 32
   text = aot.format_result(result)
   assert "FITS" in text and "total" in text and "params['proj']['kernel']" in text
+  assert result.attention == {} and "attention " not in text  # the toy has no attention
+  import dataclasses
+  text = aot.format_result(dataclasses.replace(result, attention={"xla 197x197": 2}))
+  assert "attention     xla 197x197 (2 traced call sites)" in text
 
 
 @needs_libtpu

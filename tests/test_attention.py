@@ -147,6 +147,20 @@ def test_cpu_host_tracing_for_tpu_picks_the_tpu_kernel():
   assert "tpu_custom_call" not in cpu_text and "splash" not in cpu_text
 
 
+def test_record_attention_picks_names_the_kernel_each_call_traced():
+  """ViT-L/16 at 224 px has 197 tokens: not a multiple of splash's 128 block, so "auto" on
+  a TPU traces XLA's attention there and splash at 128 tokens; the record says which."""
+  module = layers.Attention(num_heads=4)
+  params = module.init(jax.random.key(0), _inputs(b=1, t=128, d=64))
+  with layers.target_platform("tpu"), layers.record_attention_picks() as picks:
+    for t in (128, 197, 197):
+      jax.eval_shape(module.apply, params, _inputs(b=1, t=t, d=64))
+  assert picks == {("splash", 128, 128): 1, ("xla", 197, 197): 2}
+  with layers.record_attention_picks() as on_cpu:
+    jax.eval_shape(module.apply, params, _inputs(b=1, t=128, d=64))
+  assert on_cpu == {("einsum", 128, 128): 1}
+
+
 def test_splash_under_a_mesh_runs_per_shard():
   """With a mesh set, the kernel runs through shard_map split as the logical rules split
   the activations (batch over "data", heads over "tensor"), and equals einsum."""

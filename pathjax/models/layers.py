@@ -8,6 +8,7 @@ closely enough that converters are one rename table per family.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import functools
@@ -110,6 +111,22 @@ ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "splash")
 
 _TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "pathjax_target_platform", default=None)
+_ATTENTION_PICKS: contextvars.ContextVar[collections.Counter | None] = contextvars.ContextVar(
+    "pathjax_attention_picks", default=None)
+
+
+@contextlib.contextmanager
+def record_attention_picks():
+  """Yields a Counter {(implementation, query length, key length): traced calls} of every
+  Attention call traced inside the context: which kernel a program really uses (a
+  configured kernel falls back to xla where it cannot take the shapes). A layer scanned
+  over depth is traced once, so counts are call sites, not layers."""
+  picks = collections.Counter()
+  token = _ATTENTION_PICKS.set(picks)
+  try:
+    yield picks
+  finally:
+    _ATTENTION_PICKS.reset(token)
 
 
 @contextlib.contextmanager
@@ -265,6 +282,9 @@ class Attention(nn.Module):
 
     dropout = self.dropout_rate > 0.0 and not self.deterministic
     impl = "einsum" if return_weights else self._pick(q, k, mask, kv_mask, dropout, cache is not None)
+    picks = _ATTENTION_PICKS.get()
+    if picks is not None:
+      picks[(impl, int(q.shape[1]), int(k.shape[1]))] += 1
     weights = None
     if impl == "splash":
       out = self._splash(q, k, v, kv_mask)
