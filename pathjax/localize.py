@@ -5,7 +5,9 @@
 
 Writes PREFIX.npy (the raw per-patch map [N], float32, in the stored patch order of the
 slide's embeddings: region attention x within-region patch attention scaled to mean 1 per
-region, so a patch shows its region's weight modulated by the attention within it) and
+region, so a patch shows its region's weight modulated by the attention within it; with
+grid regions, averaged over the grid's translations by 0..k-1 patches so that the map
+resolves single patches, unless --no-shifts) and
 PREFIX.png (the map over the slide's thumbnail, read from the slide file when it is found:
 --slides DIR, or the path in the embeddings manifest; otherwise the map alone on the patch
 grid, and the output says so). Neither file is overwritten unless --overwrite. The
@@ -39,6 +41,9 @@ def register(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--slides", help="folder with the slide files (for the thumbnail)")
   parser.add_argument("--out", required=True, help="output prefix: writes PREFIX.png and PREFIX.npy")
   parser.add_argument("--overwrite", action="store_true", help="replace existing PREFIX.png / .npy")
+  parser.add_argument("--no-shifts", dest="shifts", action="store_false",
+                      help="grid regions: the map of one block partition, not the mean over its "
+                           "translations")
 
 
 def _atomic(path: str, write) -> None:
@@ -120,7 +125,8 @@ def render(scores: np.ndarray, grid: np.ndarray, coords: np.ndarray, extent: int
 
 
 def localize(model_dir: str, slide_id: str, text: str, out: str, *, embeddings: str | None = None,
-             slides: str | None = None, overwrite: bool = False, model=None) -> dict:
+             slides: str | None = None, overwrite: bool = False, model=None,
+             shifts: bool = True) -> dict:
   """Library form of the command; returns {"png", "npy", "painted_over", "patches", "top_patch"}."""
   from pathjax.embed_slides import EmbedSlidesError, open_slide_embeddings
   from pathjax.evaluate.slide_localization import slide_extent
@@ -152,7 +158,8 @@ def localize(model_dir: str, slide_id: str, text: str, out: str, *, embeddings: 
                         "skipped slides are listed in its manifest.json)")
   sf = emb[slide_id]
   entry = next(s for s in emb.manifest["slides"] if s.get("slide_id") == slide_id)
-  scores = model.heatmaps(np.asarray(sf.features, np.float32), np.asarray(sf.grid), [text])[0]
+  scores = model.heatmaps(np.asarray(sf.features, np.float32), np.asarray(sf.grid), [text],
+                          shifts=shifts)[0]
   scores = scores.astype(np.float32)
   if slides and not os.path.isdir(slides):
     raise LocalizeError(f"--slides {slides} is not a folder")
@@ -174,7 +181,7 @@ def main(args) -> int:
   from pathjax.models.model_dir import ModelDirError
   try:
     out = localize(args.model, args.slide, args.text, args.out, embeddings=args.embeddings,
-                   slides=args.slides, overwrite=args.overwrite)
+                   slides=args.slides, overwrite=args.overwrite, shifts=args.shifts)
   except (LocalizeError, ModelDirError) as e:
     print(f"pathjax localize: error: {e}", file=sys.stderr)
     return 2

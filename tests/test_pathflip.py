@@ -247,6 +247,34 @@ def test_predict_fns_visual_tokens_and_region_attention(data):
   assert maps.shape == (3, len(feats)) and np.isfinite(maps).all() and (maps >= 0).all()
 
 
+def test_grid_heatmaps_averaged_over_translations_resolve_a_single_patch():
+  """A stand-in model whose region attention goes to the blocks holding a marked patch:
+  one 2 x 2 partition ties the marked patch with its 3 block mates; averaged over the 4
+  translations of the grid, the marked patch alone is the top (the map resolves patches)."""
+  side = 6
+  grid = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)
+  marked = int(np.flatnonzero((grid == [3, 2]).all(-1))[0])
+  feats = np.zeros((len(grid), 1), np.float32)
+  feats[marked] = 1.0
+
+  def region_attention(f, coords, mask, ids, text_mask, num_regions):
+    index, rmask = pf.device_regions(coords, mask, "grid", 4, num_regions)
+    mass = (jnp.take_along_axis(f[..., 0], index.reshape(1, -1), 1).reshape(index.shape)
+            * rmask).sum(-1) + 1e-3 * rmask.any(-1)
+    weights = mass / mass.sum(-1, keepdims=True)
+    return {"region_weights": jnp.repeat(weights[:, None], len(ids), 1),
+            "patch_weights": rmask.astype(jnp.float32), "region_index": index,
+            "region_mask": rmask}
+
+  ids, mask = np.zeros((1, 4), np.int32), np.ones((1, 4), bool)
+  one = pf.slide_heatmaps(region_attention, feats, grid, ids, mask, method="grid", size=4,
+                          shifts=False)[0]
+  assert (one == one.max()).sum() == 4 and one[marked] == one.max()
+  avg = pf.slide_heatmaps(region_attention, feats, grid, ids, mask, method="grid", size=4)[0]
+  assert np.argmax(avg) == marked and (avg == avg.max()).sum() == 1
+  assert avg.shape == one.shape and (avg > 0).all()
+
+
 # XLA's CPU collectives give up after 40 s waiting for all device threads ("Termination
 # timeout ... exceeded"), which a busy 2-core machine running 8 fake devices can reach. Seen
 # here too: a real deadlock (threads never arrive) now and then; 180 s then fails the test

@@ -59,6 +59,7 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
   c.test_fraction = 0.3
   c.labels = ""             # slide tasks: a slide -> class file (JSON, JSON lines or CSV)
   c.topk = ()               # slide_zeroshot, patch models: top-k pooling ks (() = MI-Zero's)
+  c.shifts = True           # localization, grid regions: maps averaged over the grid's translations
   c.update(overrides)
   return c
 

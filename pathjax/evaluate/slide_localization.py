@@ -6,7 +6,8 @@ For every slide of the split (default: held-out) with a class map in the truth f
 comma-separated), and every tissue class present on at least one patch: the class's prompt
 (its report name, e.g. "fibrous stroma", or `prompts`: a JSON file {class: text}) -> the
 model's map (region attention x within-region patch attention, recipe predict function
-"region_attention") -> the pointing game (hit when the top patch is of the class; chance =
+"region_attention"; for grid regions averaged over the grid's translations unless
+`shifts=False`, see pathflip.slide_heatmaps) -> the pointing game (hit when the top patch is of the class; chance =
 the class's share of the slide's tissue patches) and the heatmap AUC against the class's
 patches. A patch belongs to a class when the class covers at least half of it.
 """
@@ -148,7 +149,8 @@ def make_inputs(eval_cfg, recipe):
     def heatmaps(features, grid, texts):
       ids, mask = recipe.sub_tokenizer(texts)
       call = lambda f, c, m, i, t, r: fn(params, f, c, m, i, t, num_regions=r)
-      return slide_heatmaps(call, features, grid, ids, mask, method=mc.regions, size=int(mc.region_size))
+      return slide_heatmaps(call, features, grid, ids, mask, method=mc.regions, size=int(mc.region_size),
+                            shifts=bool(get("shifts", True)))
     return heatmaps
   return load, embedder
 
