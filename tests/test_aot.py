@@ -127,6 +127,7 @@ def test_readme_plan_table_and_config_come_from_the_compiled_records():
       "README's plan table differs from configs/compiled/; regenerate it with "
       "PATHJAX_UPDATE_GOLDENS=1 pytest tests/test_aot.py")
 
+
 @needs_libtpu
 def test_toy_compiles_for_v5e_2x2():
   topology = aot.get_topology("v5e:2x2")

@@ -152,6 +152,7 @@ def test_place_with_transforms_and_layer_stacking(tmp_path):
   with pytest.raises(sio.WeightsError, match="has no tensor nope"):
     sio.place(reader, {"x": sio.Target("nope", NamedSharding(mesh, P()))})
 
+
 def test_large_slices_in_huge_page_buffers_outlive_the_reader(tmp_path):
   """Device slices of 2 MiB and more are read, concurrently, into anonymous huge-page
   mappings that jax's CPU client adopts without a copy: the mapping must live as long as the
@@ -177,7 +178,6 @@ def test_large_slices_in_huge_page_buffers_outlive_the_reader(tmp_path):
   assert out.sharding == sharding
   np.testing.assert_array_equal(np.asarray(out).view(np.uint16), big.view(np.uint16))
   np.testing.assert_array_equal(np.asarray(out + 0).view(np.uint16), big.view(np.uint16))
-
 
 
 def test_tensor_reader_reports_missing_and_unexpected_together():

@@ -246,7 +246,8 @@ def host_buffer(nbytes: int, align: int = 4096) -> np.ndarray:
   Buffers of a huge page or more are anonymous mappings advised to use transparent huge
   pages: one page fault per 2 MiB instead of per 4 KiB. Every loaded byte lands in fresh
   memory, and on the 2-core VMs here first-touch page faults cost as much as the disk read
-  (`pathjax bench load` prints both); with huge pages first touch was 3-4x faster.
+  (`pathjax bench load` prints a first load next to one repeated into memory used before);
+  with huge pages first touch was 3-4x faster.
   """
   if nbytes >= _HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
