@@ -27,9 +27,12 @@ from pathjax.demo_pathflip import DEFAULTS as PATHFLIP_DEFAULTS
 SMOKE = "configs/mrplip.py:smoke"
 # The PathAlign part (pathjax/demo_pathalign.py): 176 small slides embedded at 10x. With
 # 28 training reports the text tower memorised them (held-out retrieval at chance); with 144
-# held-out top-1 among 32 reached 4-15x chance in our runs (it varies with the MR-PLIP tower).
+# held-out top-1 among 32 reached 4-15x chance in our runs. Stage 1 on one set of embeddings,
+# seeds 0/1/2, slide->report / report->slide top-1 over chance: 200 steps of 16 slides
+# 8/6x, 5/7x, 6/6x; 400 of 16 11/13x, 5/9x, 13/13x; 800 of 16 7/14x, 11/13x, 11/13x;
+# 400 of 32 (the default: ~40 s more) 10/12x, 14/14x, 14/14x.
 PATHALIGN_DEFAULTS = dict(train_slides=144, heldout_slides=32, slide_size=2048, magnification=10,
-                          stage1_steps=200, llm_steps=150, stage2_steps=60)
+                          stage1_steps=400, stage1_batch=32, llm_steps=150, stage2_steps=60)
 # PathFLIP (pathjax/demo_pathflip.py, PATHFLIP_DEFAULTS) and slide chat
 # (pathjax/demo_instruct.py, INSTRUCT_DEFAULTS) reuse those slides.
 

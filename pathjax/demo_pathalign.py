@@ -47,7 +47,7 @@ def _last(workdir: str) -> dict:
 
 def run(out: str, *, vision_model: str, train_slides: int, heldout_slides: int, slide_size: int,
         patch_size: int, magnification: float, stage1_steps: int, llm_steps: int,
-        stage2_steps: int, region_px: int = 1000) -> dict:
+        stage2_steps: int, region_px: int = 1000, stage1_batch: int = 32) -> dict:
   """Runs the PathAlign demo under `out`/pathalign with the patch encoder `vision_model`."""
   from pathjax import train as train_lib
   from pathjax.embed_slides import embed_slides
@@ -100,9 +100,10 @@ def run(out: str, *, vision_model: str, train_slides: int, heldout_slides: int, 
           "input.text_len=64",
           "export_model=true"]
   stage1 = os.path.join(root, "stage1")
-  t0 = _step(f"P3. PathAlign stage 1 (ITC + ITG) for {stage1_steps} steps (pathjax train "
-             f"--config=configs/pathalign.py:smoke,no_itm --workdir {stage1} ...)")
+  t0 = _step(f"P3. PathAlign stage 1 (ITC + ITG) for {stage1_steps} steps of {stage1_batch} slides "
+             f"(pathjax train --config=configs/pathalign.py:smoke,no_itm --workdir {stage1} ...)")
   config = _config("pathalign.py:smoke,no_itm", data + [f"total_steps={stage1_steps}",
+                                                 f"batch_size={stage1_batch}",
                                                  f"log_every={max(stage1_steps // 4, 1)}"],
                    [eval_config(kind="slide_retrieval", data="heldout", every=stage1_steps, k=5)])
   train_lib.train(config, stage1)

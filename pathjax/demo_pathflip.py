@@ -25,8 +25,10 @@ import time
 # pretrained one: from scratch its text tower maps every tissue name to one direction at
 # initialisation (cos 1.00 between all six; BERT's std-0.02 init leaves [CLS] almost
 # unmixed), and after 480 steps localization reached 1.20x chance (heatmap AUC 0.57) against
-# 1.94x (AUC 0.76) from PathAlign's Q-Former, 2.07x (AUC 0.74) after 720 steps. Steps cost
-# ~0.1 s here; compiling and the evaluation dominate the part's time.
+# 1.94x (AUC 0.76) from PathAlign's Q-Former, 2.07x (AUC 0.74) after 720 steps. Maps averaged
+# over the 4 translations of the 2 x 2 grid (pathflip.slide_heatmaps), from PathAlign stage 1
+# of 400 steps x 32 slides, seeds 0/1/2: 2.01x/2.71x/2.58x (AUC 0.83/0.89/0.87); from 200 x 16
+# 2.51x/1.87x/2.78x. Steps cost ~0.1 s here; compiling and the evaluation dominate the part's time.
 DEFAULTS = dict(steps=720, batch_size=16, region_size=4, num_regions=12, lr=2e-3,
                 finding_subcaptions=True)
 
