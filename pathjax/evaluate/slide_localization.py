@@ -7,9 +7,9 @@ comma-separated), and every tissue class present on at least one patch: the clas
 (its report name, e.g. "fibrous stroma", or `prompts`: a JSON file {class: text}) -> the
 model's map (region attention x within-region patch attention, recipe predict function
 "region_attention"; for grid regions averaged over the grid's translations unless
-`shifts=False`, see pathflip.slide_heatmaps) -> the pointing game (hit when the top patch is of the class; chance =
-the class's share of the slide's tissue patches) and the heatmap AUC against the class's
-patches. A patch belongs to a class when the class covers at least half of it.
+`shifts=False`, see pathflip.slide_heatmaps) -> the pointing game (hit when the top patch
+is of the class; chance = the class's share of the slide's tissue patches) and the heatmap
+AUC against the class's patches. A patch belongs to a class when the class covers at least half of it.
 """
 
 from __future__ import annotations
