@@ -59,6 +59,12 @@ def _as_json(result, args) -> dict:
   return row
 
 
+def _write_json(path: str, data) -> None:
+  """Whole record or none: a compile takes minutes, and README's plan table reads these."""
+  from pathjax.input.storage import write_text_atomic  # pylint: disable=import-outside-toplevel
+  write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
 def _versions() -> dict:
   from importlib import metadata  # pylint: disable=import-outside-toplevel
   out = {}
@@ -88,6 +94,11 @@ def _commit() -> str:
 
 def main(args) -> int:
   from pathjax import aot, config_lib  # pylint: disable=import-outside-toplevel
+  folder = os.path.dirname(os.path.abspath(args.json)) if args.json else ""
+  if folder and not os.path.isdir(folder):  # say so before minutes of compiling, not after
+    print(f"pathjax compile: --json {args.json}: folder {folder} does not exist; create it first",
+          file=sys.stderr)
+    return 2
   config = config_lib.load_config(args.config, args.config_overrides)
   try:
     topology = aot.get_topology(args.topology, args.num_slices)
@@ -103,8 +114,7 @@ def main(args) -> int:
       best, tried = aot.max_batch(config, topology, start=start, limit=args.limit_batch, log=_log)
       print(aot.format_table(tried, args.mfu))
       if args.json:
-        with open(args.json, "w") as f:
-          json.dump([_as_json(r, args) for r in tried], f, indent=2)
+        _write_json(args.json, [_as_json(r, args) for r in tried])
       if best is None:
         print(f"pathjax compile: even a per-chip batch of {start} does not fit on {topology.name}",
               file=sys.stderr)
@@ -124,8 +134,7 @@ def main(args) -> int:
     return 2
   print(aot.format_result(result, mfu=args.mfu))
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(_as_json(result, args), f, indent=2)
+    _write_json(args.json, _as_json(result, args))
   if result.error:
     what = "does not fit (the compiler ran out of memory)" if result.oom else "failed to compile"
     print(f"pathjax compile: {args.config} {what} on {topology.name} at global batch "
@@ -154,6 +163,5 @@ def _contrastive(args, config, topology) -> int:
         f"images = {pairs} image-text pairs")
   print(aot.format_result(result, mfu=args.mfu))
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(_as_json(result, args), f, indent=2)
+    _write_json(args.json, _as_json(result, args))
   return 0 if result.fits else 1

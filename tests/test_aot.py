@@ -165,6 +165,10 @@ def test_compile_cli_reports_a_step_that_does_not_fit(capsys, tmp_path):
   assert "memory per chip" in out or "OUT OF MEMORY" in out
   row = json.loads(record.read_text())
   assert row["fits"] is False and row["overrides"] == ["model.hidden=32768"]
+  # A --json folder that does not exist is refused before compiling.
+  assert cli.main(["compile", f"--config={REPO / 'configs/toy.py'}", "--topology", "v5e-4",
+                   "--json", str(tmp_path / "no" / "r.json")]) == 2
+  assert "does not exist" in capsys.readouterr().err
   assert row["config"].endswith("configs/toy.py") and row["versions"]["libtpu"]
 
 

@@ -9,7 +9,8 @@ model's map (region attention x within-region patch attention, recipe predict fu
 "region_attention"; for grid regions averaged over the grid's translations unless
 `shifts=False`, see pathflip.slide_heatmaps) -> the pointing game (hit when the top patch
 is of the class; chance = the class's share of the slide's tissue patches) and the heatmap
-AUC against the class's patches. A patch belongs to a class when the class covers at least half of it.
+AUC against the class's patches. A patch belongs to a class when the class covers at least
+half of it.
 """
 
 from __future__ import annotations
