@@ -98,3 +98,15 @@ def test_tokenizer_cli(tmp_path):
   assert tt.vocab_size <= 700
   assert cli.main(["tokenizer", "train", "--captions", str(tmp_path / "none.jsonl"),
                    "--out", str(out)]) == 2
+
+
+def test_training_twice_gives_the_same_ids(tok_dir, tmp_path):
+  """The trainer numbers its initial alphabet in hash-set order; the saved vocabulary must
+  not: same texts, same ids, so a rerun of a training run reads the same token ids."""
+  rng = np.random.default_rng(0)
+  texts = [" ".join(rng.choice(WORDS, rng.integers(3, 20))) + "." for _ in range(500)]
+  again = tokenize.train_bpe_tokenizer(texts, str(tmp_path / "again"), vocab_size=800)
+  first = json.loads(open(f"{tok_dir}/vocab.json", encoding="utf-8").read())
+  second = json.loads(open(f"{again}/vocab.json", encoding="utf-8").read())
+  assert first == second
+  assert open(f"{tok_dir}/tokenizer.json").read() == open(f"{again}/tokenizer.json").read()

@@ -271,12 +271,13 @@ def train_bpe_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 81
   vocab = tok.get_vocab()
   merges = [m if isinstance(m, list) else m.split(" ")
             for m in json.loads(tok.to_str())["model"]["merges"]]
-  tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-  present = set(tokens)
-  for symbol in byte_alphabet + [b + "</w>" for b in byte_alphabet]:
-    if symbol not in present:
-      tokens.append(symbol)
-      present.add(symbol)
+  # Ids in a fixed order, not the trainer's: it numbers the initial alphabet in hash-set
+  # order, which changes from run to run (same merges, 254 of 943 ids permuted between two
+  # runs on the demo's captions), and with it every training run that reads the tokenizer.
+  base = sorted(byte_alphabet)
+  tokens = base + [b + "</w>" for b in base] + ["".join(m) for m in merges]
+  tokens += sorted(set(vocab) - set(tokens))
+  tokens = list(dict.fromkeys(tokens))
   new_vocab = {t: i for i, t in enumerate(tokens)}
   for special in (PAD, BOS, EOS):
     new_vocab[special] = len(new_vocab)
